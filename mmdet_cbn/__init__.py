@@ -1,0 +1,27 @@
+"""mmdet-cbn: Cross-Iteration Batch Normalization (Yao et al., CVPR 2021) for MMDetection 3.x.
+
+Importing the package registers the norm layer ``'CBN'`` in the OpenMMLab model registry (so
+``norm_cfg=dict(type='CBN', window_size=4)`` works wherever mmcv builds a norm layer), the
+``CBNBurnInHook`` in the hook registry, and applies the fixes for the pinned stack
+(:mod:`mmdet_cbn.compat`).
+"""
+from .cbn import CrossIterationBatchNorm2d
+from .pairing import cbn_layers, convert_cbn, pair_cbn_layers
+
+__version__ = '0.1.0'
+__all__ = ['CrossIterationBatchNorm2d', 'pair_cbn_layers', 'convert_cbn', 'cbn_layers',
+           '__version__']
+
+try:
+    import mmengine  # noqa: F401
+except ImportError:  # the layer itself needs only torch
+    pass
+else:
+    from mmengine.registry import MODELS
+
+    from . import compat
+    from .hooks import CBNBurnInHook
+
+    MODELS.register_module('CBN', module=CrossIterationBatchNorm2d)
+    compat.apply()
+    __all__ += ['CBNBurnInHook']

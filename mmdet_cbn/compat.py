@@ -1,0 +1,49 @@
+"""Narrow fixes for the pinned stack (torch 2.13, mmengine 0.10.7, mmcv 2.1.0, mmdet 3.3.0).
+
+:func:`apply` is called when ``mmdet_cbn`` is imported and is idempotent. Every fix
+it makes is listed here, with the reason; nothing in site-packages is edited.
+
+1. Local checkpoints load with ``weights_only=False``.
+   torch >= 2.6 makes ``torch.load`` default to ``weights_only=True``. mmengine
+   0.10.7 (the newest release) loads local files with a plain
+   ``torch.load(filename, map_location=...)``, and the checkpoints its Runner
+   saves hold ``message_hub`` objects and numpy arrays, so ``resume=True``,
+   ``load_from``, ``mmengine.runner.load_checkpoint`` and mmdet's
+   ``tools/test.py CHECKPOINT`` fail with ``UnpicklingError``. The fix
+   re-registers the loader of local paths (the ``''`` prefix) through mmengine's
+   public extension point ``CheckpointLoader.register_scheme(..., force=True)``
+   with a loader that passes ``weights_only=False``. Only local files, which are
+   the user's own checkpoints, are affected; URL schemes keep torch's default.
+"""
+
+from __future__ import annotations
+
+import os.path as osp
+
+import torch
+from mmengine.runner import CheckpointLoader
+
+
+def load_from_local(filename: str, map_location=None) -> dict:
+    """Load a local checkpoint, unpickling the Runner's non-tensor state.
+
+    Same contract as mmengine's ``load_from_local`` (the ``''`` scheme), plus
+    ``weights_only=False``. The name matters: mmengine logs the scheme as the
+    loader's name without its ``load_from_`` prefix.
+
+    Args:
+        filename: Local checkpoint path (``~`` is expanded).
+        map_location: Same as :func:`torch.load`.
+
+    Returns:
+        The loaded checkpoint.
+    """
+    filename = osp.expanduser(filename)
+    if not osp.isfile(filename):
+        raise FileNotFoundError(f'{filename} can not be found.')
+    return torch.load(filename, map_location=map_location, weights_only=False)
+
+
+def apply() -> None:
+    """Apply every fix listed in the module docstring (idempotent)."""
+    CheckpointLoader.register_scheme(prefixes='', loader=load_from_local, force=True)

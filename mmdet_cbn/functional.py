@@ -1,0 +1,174 @@
+"""Pure tensor math of Cross-Iteration Batch Normalization (paper Eq. 7-11, Appendix B).
+
+Nothing here knows about modules, registries or mmdet: every function takes tensors and
+returns tensors, so each piece can be checked against an independent reference.
+
+Notation (see ``CBN_MATH.md``): a CBN layer normalizes ``y = conv(x; W, b)`` with
+``W`` of shape ``(C, C_in / g, kh, kw)``, ``x`` of shape ``(N, C_in, H, W)`` and ``y`` of
+shape ``(N, C, H', W')``; ``M = N * H' * W'`` examples per channel; ``D = C_in / g * kh * kw``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    'ConvGeometry', 'moments', 'mean_input_patch', 'grad_nu_wrt_weight', 'compensate',
+    'aggregate',
+]
+
+
+@dataclass(frozen=True)
+class ConvGeometry:
+    """The hyper-parameters of the 2-d convolution feeding a CBN layer."""
+
+    weight_shape: tuple[int, int, int, int]
+    stride: tuple[int, int]
+    padding: tuple[int, int]
+    dilation: tuple[int, int]
+    groups: int
+
+    @classmethod
+    def of(cls, conv: torch.nn.Conv2d) -> 'ConvGeometry':
+        """Read the geometry of ``conv`` (string paddings are resolved to integers)."""
+        padding = conv.padding
+        if isinstance(padding, str):
+            if padding == 'valid':
+                padding = (0, 0)
+            else:  # 'same' with stride 1: total padding d * (k - 1), split as PyTorch does
+                padding = tuple(d * (k - 1) // 2 for d, k in zip(conv.dilation, conv.kernel_size))
+                if any(d * (k - 1) % 2 for d, k in zip(conv.dilation, conv.kernel_size)):
+                    raise ValueError("padding='same' with an even kernel span is not supported")
+        if conv.padding_mode != 'zeros':
+            raise ValueError(f"padding_mode={conv.padding_mode!r} is not supported, only 'zeros'")
+        return cls(tuple(conv.weight.shape), tuple(conv.stride), tuple(padding),
+                   tuple(conv.dilation), conv.groups)
+
+
+def _conv_weight_grad(x: Tensor, grad_y: Tensor, weight_shape: tuple[int, ...],
+                      stride: tuple[int, int], padding: tuple[int, int],
+                      dilation: tuple[int, int], groups: int) -> Tensor:
+    """The weight gradient of ``conv2d`` for output gradient ``grad_y`` (one backward conv)."""
+    dummy = x.new_zeros(()).expand(weight_shape)
+    _, grad_w, _ = torch.ops.aten.convolution_backward(
+        grad_y, x, dummy, None, list(stride), list(padding), list(dilation), False, [0, 0],
+        groups, [False, True, False])
+    return grad_w
+
+
+def moments(y: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-channel first and second raw moments of ``y`` (N, C, H, W), in float32 or wider.
+
+    Returns ``(mu, nu)``, each of shape ``(C,)``: ``mu = mean(y)``, ``nu = mean(y^2)``.
+    """
+    yf = y if y.dtype in (torch.float32, torch.float64) else y.float()
+    dims = (0, 2, 3)
+    return yf.mean(dims), yf.square().mean(dims)
+
+
+def mean_input_patch(x: Tensor, geometry: ConvGeometry, out_hw: tuple[int, int]) -> Tensor:
+    """``Xbar`` of Appendix B: the mean input patch, ``d mu_c / d W_c`` for every channel ``c``.
+
+    ``Xbar[j, i, u] = 1/M sum_{n,p} x_patch(n, i, p + u)`` for the input channels of group ``j``.
+    Because the output gradient is all ones it is the same for every image, so the batch is
+    summed first and the cost is one ``(1, C_in, H, W)`` weight-gradient with one output channel
+    per group.
+
+    Returns a tensor of shape ``(g, D)`` in the dtype of ``x`` promoted to at least float32.
+    """
+    g = geometry.groups
+    c_out, c_in_g, kh, kw = geometry.weight_shape
+    x_sum = x.sum(0, keepdim=True, dtype=torch.float64 if x.dtype == torch.float64
+                  else torch.float32)
+    ones = x_sum.new_ones((1, g) + tuple(out_hw))
+    m = x.shape[0] * out_hw[0] * out_hw[1]
+    xbar = _conv_weight_grad(x_sum, ones, (g, c_in_g, kh, kw), geometry.stride,
+                             geometry.padding, geometry.dilation, g)
+    return xbar.reshape(g, c_in_g * kh * kw) / m
+
+
+def grad_nu_wrt_weight(x: Tensor, y: Tensor, geometry: ConvGeometry, stride: int = 1,
+                       offset: tuple[int, int] = (0, 0)) -> Tensor:
+    """``G = d nu / d W`` of Appendix B: the weight-gradient of the conv for ``2 y / M``.
+
+    ``G[c, i, u] = 2/M sum_{n,p} y(n, c, p) x_patch(n, i, p + u)`` with shape ``(C, D)``.
+
+    With ``stride = s > 1`` it is estimated from the output positions ``offset + s * q`` only
+    (``s^2`` times cheaper; unbiased when the offset is drawn uniformly in ``[0, s)^2``).
+    Computed in float32 (or float64 when the inputs are float64).
+    """
+    dtype = torch.float64 if y.dtype == torch.float64 else torch.float32
+    xf, yf = x.to(dtype), y.to(dtype)
+    (sh, sw), (ph, pw) = geometry.stride, geometry.padding
+    if stride == 1:
+        grad_y = yf
+        conv_stride, conv_padding = (sh, sw), (ph, pw)
+    else:
+        oh, ow = offset
+        grad_y = yf[:, :, oh::stride, ow::stride]
+        xf = torch.nn.functional.pad(xf, (pw, pw, ph, ph))[:, :, oh * sh:, ow * sw:]
+        conv_stride, conv_padding = (sh * stride, sw * stride), (0, 0)
+    m = grad_y.shape[0] * grad_y.shape[2] * grad_y.shape[3]
+    grad_w = _conv_weight_grad(xf, grad_y.contiguous(), geometry.weight_shape, conv_stride,
+                               conv_padding, geometry.dilation, geometry.groups)
+    return grad_w.reshape(grad_w.shape[0], -1).mul_(2.0 / m)
+
+
+def compensate(weight: Tensor, bias: Tensor | None, xbar: Tensor, grad_nu: Tensor, nu: Tensor,
+               mu: Tensor, grad_dot_weight: Tensor, old_bias: Tensor) -> tuple[Tensor, Tensor]:
+    """Taylor compensation of past statistics to the current weights (Eq. 7, 8), all slots at once.
+
+    Uses the history identity of ``CBN_MATH.md``: with ``s_c = G_c . W_c`` recorded with the
+    slot, ``mu_hat_c = W_c(t) . Xbar + b_c(t)`` (exact, ``mu`` is linear in ``W``) and
+    ``nu_hat_c = nu_c + G_c . W_c(t) - s_c + 2 mu_c (b_c(t) - b_c)``, which equals Eq. 8 for the
+    exact ``G`` and needs no copy of old weights.
+
+    Args:
+        weight: current conv weight ``(C, C_in/g, kh, kw)`` (detached by the caller).
+        bias: current conv bias ``(C,)`` or None.
+        xbar: ``(S, g, D)`` mean input patches of ``S`` past iterations.
+        grad_nu: ``(S, C, D)`` their ``d nu / d W``.
+        nu, mu: ``(S, C)`` their raw moments.
+        grad_dot_weight: ``(S, C)`` ``s_c = G_c . W_c`` at the time of each slot.
+        old_bias: ``(S, C)`` the conv bias at the time of each slot (zeros without bias).
+
+    Returns:
+        ``(mu_hat, nu_hat)``, each ``(S, C)``.
+    """
+    groups = xbar.shape[1]
+    w = weight.reshape(groups, weight.shape[0] // groups, -1).to(xbar.dtype)
+    mu_hat = torch.einsum('gcd,sgd->sgc', w, xbar).reshape(xbar.shape[0], -1)
+    nu_hat = nu + torch.einsum('cd,scd->sc', w.reshape(weight.shape[0], -1), grad_nu)
+    nu_hat = nu_hat - grad_dot_weight
+    if bias is not None:
+        b = bias.to(xbar.dtype)
+        mu_hat = mu_hat + b
+        nu_hat = nu_hat + 2 * mu * (b - old_bias)
+    return mu_hat, nu_hat
+
+
+def aggregate(mu: Tensor, nu: Tensor, mu_hat: Tensor, nu_hat: Tensor,
+              valid: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Window aggregation (Eq. 9, 10) of the current moments and the compensated past ones.
+
+    ``mu_bar = 1/k sum mu_hat``, ``nu_bar = 1/k sum max(nu_hat, mu_hat^2)``,
+    ``sigma2_bar = max(nu_bar - mu_bar^2, 0)``, over the current iteration and the valid slots.
+
+    Args:
+        mu, nu: ``(C,)`` current moments (gradients flow through them).
+        mu_hat, nu_hat: ``(S, C)`` compensated past moments (detached).
+        valid: ``(S,)`` bool, which slots hold a finite record; invalid ones are ignored.
+
+    Returns:
+        ``(mu_bar, sigma2_bar, k)`` with ``k`` the number of aggregated iterations (a 0-d tensor).
+    """
+    keep = valid.unsqueeze(1)
+    zero = mu_hat.new_zeros(())
+    past_mu = torch.where(keep, mu_hat, zero).sum(0)
+    past_nu = torch.where(keep, torch.maximum(nu_hat, mu_hat.square()), zero).sum(0)
+    k = 1 + valid.sum().to(mu.dtype)
+    mu_bar = (mu + past_mu) / k
+    nu_bar = (torch.maximum(nu, mu.square()) + past_nu) / k
+    return mu_bar, (nu_bar - mu_bar.square()).clamp_min(0), k

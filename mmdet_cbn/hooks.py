@@ -1,0 +1,82 @@
+"""``CBNBurnInHook``: pairs CBN layers before training and drives the burn-in window."""
+from __future__ import annotations
+
+from mmengine.hooks import Hook
+from mmengine.model import is_model_wrapper
+from mmengine.registry import HOOKS
+
+from .pairing import cbn_layers, pair_cbn_layers
+
+__all__ = ['CBNBurnInHook']
+
+
+@HOOKS.register_module()
+class CBNBurnInHook(Hook):
+    """Window 1 (plain BN) for the first epochs or iterations, then each layer's ``window_size``.
+
+    Before training it pairs every CBN layer of the model with the conv that feeds it, logs how
+    many were paired, and fails with the list of unpaired layers if any. At every iteration it
+    sets the window from ``runner.epoch`` / ``runner.iter``, so a resumed run continues with the
+    right window; it logs each change and records the window as ``train/cbn_window``.
+
+    Args:
+        burnin_epochs: epochs with window 1 (paper: 3 on COCO). Exclusive with ``burnin_iters``.
+        burnin_iters: iterations with window 1 (for iteration-based loops).
+    """
+
+    priority = 'NORMAL'
+
+    def __init__(self, burnin_epochs: int | None = None, burnin_iters: int | None = None) -> None:
+        if (burnin_epochs is None) == (burnin_iters is None):
+            raise ValueError('CBNBurnInHook needs exactly one of burnin_epochs or burnin_iters '
+                             f'(got burnin_epochs={burnin_epochs!r}, '
+                             f'burnin_iters={burnin_iters!r})')
+        length = burnin_epochs if burnin_iters is None else burnin_iters
+        if not isinstance(length, int) or length < 0:
+            raise ValueError(f'CBNBurnInHook burn-in length must be an integer >= 0, got '
+                             f'{length!r}')
+        self.burnin_epochs = burnin_epochs
+        self.burnin_iters = burnin_iters
+        self._window_logged: bool | None = None
+
+    @staticmethod
+    def _model(runner):
+        model = runner.model
+        return model.module if is_model_wrapper(model) else model
+
+    def before_train(self, runner) -> None:
+        model = self._model(runner)
+        layers = cbn_layers(model)
+        pairs = pair_cbn_layers(model)
+        runner.logger.info(f'CBN: {len(pairs)} of {len(layers)} CBN layers paired with the conv '
+                           f'that feeds them')
+        if not layers:
+            runner.logger.warning('CBNBurnInHook: the model has no CBN layer')
+
+    def in_burnin(self, epoch: int, iteration: int) -> bool:
+        """Whether the (0-based) epoch / iteration is in the burn-in period."""
+        if self.burnin_epochs is not None:
+            return epoch < self.burnin_epochs
+        return iteration < self.burnin_iters
+
+    def before_train_iter(self, runner, batch_idx: int, data_batch=None) -> None:
+        burnin = self.in_burnin(runner.epoch, runner.iter)
+        layers = cbn_layers(self._model(runner))
+        for _, layer in layers:
+            layer.set_window(1 if burnin else layer.window_size)
+        if layers:
+            window = layers[0][1].window
+            runner.message_hub.update_scalar('train/cbn_window', window)
+            if burnin != self._window_logged:
+                phase = 'burn-in: plain BN statistics' if burnin else 'cross-iteration'
+                runner.logger.info(f'CBN window {window} from epoch {runner.epoch + 1}, '
+                                   f'iteration {runner.iter + 1} ({phase})')
+                self._window_logged = burnin
+
+    def after_train_epoch(self, runner) -> None:
+        bad = {name: int(layer.nonfinite_batches) for name, layer in
+               cbn_layers(self._model(runner)) if int(layer.nonfinite_batches)}
+        if bad:
+            runner.logger.warning(
+                f'CBN: non-finite batch statistics were kept out of the history and running '
+                f'statistics: {bad} (layer: batches so far). Check the loss and learning rate.')

@@ -1,0 +1,199 @@
+"""CrossIterationBatchNorm2d against BatchNorm2d and the literal reference of Eq. 7-11."""
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from cbn_reference import literal_cbn
+from mmdet_cbn import CrossIterationBatchNorm2d, convert_cbn, pair_cbn_layers
+
+
+def conv_cbn(seed=0, bias=False, groups=1, stride=1, dilation=1, dtype=torch.float64, **kw):
+    torch.manual_seed(seed)
+    conv = nn.Conv2d(4, 6, 3, stride=stride, padding=dilation, dilation=dilation,
+                     groups=groups, bias=bias)
+    cbn = CrossIterationBatchNorm2d(6, **kw)
+    with torch.no_grad():
+        cbn.weight.uniform_(0.5, 1.5)
+        cbn.bias.uniform_(-0.5, 0.5)
+    model = nn.Sequential(conv, cbn).to(dtype)
+    pair_cbn_layers(model)
+    return model
+
+
+def test_window_one_is_batchnorm_in_train_and_eval():
+    model = conv_cbn(window_size=1)
+    bn = copy.deepcopy(model[1])
+    ref = nn.BatchNorm2d(6).double()
+    ref.load_state_dict(bn.state_dict(), strict=False)
+    for step in range(3):
+        y = torch.randn(4, 6, 5, 5, dtype=torch.float64, requires_grad=True)
+        y_ref = y.detach().clone().requires_grad_()
+        out, out_ref = bn(y), ref(y_ref)
+        torch.testing.assert_close(out, out_ref)
+        grad = torch.randn_like(out)
+        out.backward(grad)
+        out_ref.backward(grad)
+        torch.testing.assert_close(y.grad, y_ref.grad)
+        torch.testing.assert_close(bn.weight.grad, ref.weight.grad)
+        torch.testing.assert_close(bn.bias.grad, ref.bias.grad)
+    torch.testing.assert_close(bn.running_mean, ref.running_mean)
+    torch.testing.assert_close(bn.running_var, ref.running_var)
+    bn.eval()
+    ref.eval()
+    y = torch.randn(2, 6, 3, 3, dtype=torch.float64)
+    torch.testing.assert_close(bn(y), ref(y))
+
+
+@pytest.mark.parametrize('compensation', ['taylor', 'none'])
+@pytest.mark.parametrize('conv_kw', [dict(), dict(bias=True, groups=2),
+                                     dict(stride=2, dilation=2, bias=True)])
+def test_matches_literal_reference_over_a_training_run(compensation, conv_kw):
+    """Each step's output equals Eq. 9-11 over stored old weights, biases and inputs."""
+    window = 3
+    model = conv_cbn(window_size=window, compensation=compensation, **conv_kw)
+    conv, cbn = model
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    kwargs = dict(stride=conv.stride, padding=conv.padding, dilation=conv.dilation,
+                  groups=conv.groups)
+    past = []
+    for step in range(6):
+        x = torch.randn(2, 4, 7, 7, dtype=torch.float64)
+        w, b = conv.weight.detach().clone(), None if conv.bias is None else conv.bias.detach()
+        out = model(x)
+        expected = literal_cbn(conv(x).detach(), past[-(window - 1):], w,
+                               None if b is None else b.clone(), kwargs, cbn.weight.detach(),
+                               cbn.bias.detach(), cbn.eps, compensation)
+        torch.testing.assert_close(out.detach(), expected, rtol=1e-9, atol=1e-9)
+        past.append((x, w, None if b is None else b.clone()))
+        optimizer.zero_grad()
+        (out * torch.randn_like(out)).sum().backward()
+        optimizer.step()
+
+
+def test_gradients_flow_only_through_the_current_iteration_gradcheck():
+    model = conv_cbn(window_size=3, bias=True)
+    for _ in range(2):  # fill the history
+        model(torch.randn(2, 4, 6, 6, dtype=torch.float64))
+    x = torch.randn(2, 4, 6, 6, dtype=torch.float64, requires_grad=True)
+
+    def fresh_forward(inp):
+        return copy.deepcopy(model)(inp)
+
+    assert torch.autograd.gradcheck(fresh_forward, (x,))
+    # the gradient differs from plain BN's (the history enters the statistics)...
+    out = copy.deepcopy(model)(x)
+    (g_cbn,) = torch.autograd.grad(out.square().sum(), x)
+    one = copy.deepcopy(model)
+    one[1].set_window(1)
+    (g_bn,) = torch.autograd.grad(one(x).square().sum(), x)
+    assert not torch.allclose(g_cbn, g_bn)
+    # ...and no gradient reaches the past: parameters of old iterations are plain tensors
+    assert all(not t.requires_grad for t in model[1].history.tensors().values())
+
+
+def test_state_dict_round_trip_keeps_history_and_continues_exactly():
+    model = conv_cbn(window_size=4, bias=True)
+    for _ in range(5):
+        model(torch.randn(2, 4, 6, 6, dtype=torch.float64))
+    state = copy.deepcopy(model.state_dict())
+    assert '1.cbn_history.grad_nu' in state and state['1.cbn_steps'].item() == 5
+    restored = conv_cbn(window_size=4, bias=True, seed=3)
+    restored.load_state_dict(state)
+    x = torch.randn(2, 4, 6, 6, dtype=torch.float64)
+    torch.testing.assert_close(restored(x), model(x), rtol=0, atol=0)
+    torch.testing.assert_close(restored[1].running_var, model[1].running_var, rtol=0, atol=0)
+    # a BN-only checkpoint (no history) loads and starts with an empty history
+    plain = conv_cbn(window_size=4, bias=True)
+    plain.load_state_dict(nn.Sequential(nn.Conv2d(4, 6, 3, padding=1), nn.BatchNorm2d(6))
+                          .double().state_dict(), strict=False)
+    assert plain[1].history is None
+
+
+def test_history_moves_with_model_to_and_stays_float32():
+    model = conv_cbn(window_size=2, dtype=torch.float32)
+    model(torch.randn(2, 4, 6, 6))
+    model.to(torch.float64)
+    assert model[1].history.grad_nu.dtype == torch.float32
+    model.to('meta')
+    assert model[1].history.grad_nu.device.type == 'meta'
+
+
+def test_burnin_iters_without_hook_and_set_window():
+    model = conv_cbn(window_size=3, burnin_iters=2)
+    cbn = model[1]
+    windows = []
+    for _ in range(4):
+        windows.append(cbn.window)
+        model(torch.randn(2, 4, 5, 5, dtype=torch.float64))
+    assert windows == [1, 1, 3, 3]
+    cbn.set_window(1)
+    assert cbn.window == 1
+    with pytest.raises(ValueError, match='window'):
+        cbn.set_window(0)
+
+
+def test_running_stats_are_window_aggregated_and_unbiased():
+    model = conv_cbn(window_size=2, momentum=1.0)
+    conv, cbn = model
+    cbn.set_window(2)
+    x1, x2 = (torch.randn(2, 4, 5, 5, dtype=torch.float64) for _ in range(2))
+    with torch.no_grad():
+        model(x1)
+        model(x2)  # weights unchanged: compensation is a no-op, stats pool both batches
+        pooled = torch.cat([conv(x1), conv(x2)])
+    torch.testing.assert_close(cbn.running_mean, pooled.mean((0, 2, 3)))
+    torch.testing.assert_close(cbn.running_var, pooled.var((0, 2, 3), unbiased=True))
+
+
+def test_convert_cbn_on_a_plain_pytorch_resnet_like_model():
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU(),
+        nn.Sequential(nn.Conv2d(8, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8)),
+        nn.AdaptiveAvgPool2d(1))
+    model[1].running_mean.fill_(0.3)
+    model[3][1].weight.requires_grad_(False)
+    converted = convert_cbn(model, window_size=2)
+    layers = [m for m in converted.modules() if isinstance(m, CrossIterationBatchNorm2d)]
+    assert len(layers) == 2 and all(m.paired_conv is not None for m in layers)
+    assert layers[0].running_mean[0].item() == pytest.approx(0.3)
+    assert not layers[1].weight.requires_grad
+    for _ in range(3):
+        converted(torch.randn(2, 3, 8, 8)).sum().backward()
+
+
+def test_unpaired_layer_and_bad_arguments_get_clear_errors():
+    with pytest.raises(ValueError, match='window_size'):
+        CrossIterationBatchNorm2d(4, window_size=0)
+    with pytest.raises(ValueError, match='compensation'):
+        CrossIterationBatchNorm2d(4, compensation='taylr')
+    unpaired = nn.Sequential(nn.Linear(4, 4), nn.Unflatten(1, (4, 1, 1)),
+                             CrossIterationBatchNorm2d(4, window_size=2))
+    with pytest.raises(RuntimeError, match=r"'2'.*pair_cbn_layers"):
+        unpaired[2].layer_name = '2'
+        unpaired(torch.randn(3, 4))
+    with pytest.raises(RuntimeError, match='2'):
+        pair_cbn_layers(unpaired)
+    naive = nn.Sequential(nn.Linear(4, 4), nn.Unflatten(1, (4, 1, 1)),
+                          CrossIterationBatchNorm2d(4, window_size=2, compensation='none'))
+    pair_cbn_layers(naive)
+    naive(torch.randn(3, 4))
+    naive(torch.randn(3, 4))
+
+
+def test_wrong_pairing_is_detected_at_run_time():
+    class NormBeforeConv(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(4, 4, 1)
+            self.norm = CrossIterationBatchNorm2d(4, window_size=2)
+
+        def forward(self, x):
+            return self.conv(self.norm(x))
+
+    model = NormBeforeConv()
+    pair_cbn_layers(model)  # statically plausible: conv registered before norm, 4 channels
+    with pytest.raises(RuntimeError, match="'norm'"):
+        model(torch.randn(2, 4, 3, 3))

@@ -1,0 +1,82 @@
+"""CBNBurnInHook in a real mmengine Runner: pairing report, window switch, logging."""
+import logging
+
+import pytest
+import torch
+from mmengine.model import BaseModel
+from mmengine.runner import Runner
+from torch import nn
+from torch.utils.data import Dataset
+
+from mmdet_cbn import CBNBurnInHook, CrossIterationBatchNorm2d
+
+WINDOW = 3
+
+
+class ToyNet(BaseModel):
+    def __init__(self, paired: bool = True):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        if not paired:
+            self.extra = nn.Conv2d(8, 4, 1)  # registered in between: wrong channel count
+        self.norm = CrossIterationBatchNorm2d(8, window_size=WINDOW)
+        self.head = nn.Linear(8, 1)
+        self.windows: list[int] = []
+
+    def forward(self, inputs, targets=None, mode='loss'):
+        self.windows.append(self.norm.window)
+        features = self.norm(self.conv(inputs)).relu().mean((2, 3))
+        return {'loss': (self.head(features).squeeze(1) - targets).square().mean()}
+
+
+class ToyData(Dataset):
+    def __len__(self):
+        return 8
+
+    def __getitem__(self, i):
+        g = torch.Generator().manual_seed(i)
+        return dict(inputs=torch.randn(3, 6, 6, generator=g), targets=torch.tensor(float(i)))
+
+
+def run(tmp_path, model, train_cfg, hook):
+    runner = Runner(
+        model=model, work_dir=str(tmp_path),
+        train_dataloader=dict(dataset=ToyData(), batch_size=2,
+                              sampler=dict(type='DefaultSampler', shuffle=False),
+                              collate_fn=dict(type='default_collate')),
+        optim_wrapper=dict(optimizer=dict(type='SGD', lr=0.01)), train_cfg=train_cfg,
+        custom_hooks=[hook], default_hooks=dict(checkpoint=None), log_level='INFO')
+    runner.train()
+    return runner
+
+
+@pytest.mark.parametrize('train_cfg, hook, expected', [
+    (dict(by_epoch=True, max_epochs=3), dict(type='CBNBurnInHook', burnin_epochs=2),
+     [1] * 8 + [WINDOW] * 4),
+    (dict(by_epoch=False, max_iters=5), dict(type='CBNBurnInHook', burnin_iters=2),
+     [1, 1] + [WINDOW] * 3),
+])
+def test_hook_switches_window_at_the_right_time(tmp_path, caplog, train_cfg, hook, expected):
+    model = ToyNet()
+    with caplog.at_level(logging.INFO):
+        runner = run(tmp_path, model, train_cfg, hook)
+    assert model.windows == expected
+    assert model.norm.paired_conv is model.conv
+    values, _ = runner.message_hub.get_scalar('train/cbn_window').data
+    assert list(values) == expected
+    log = (tmp_path / runner.timestamp / f'{runner.timestamp}.log').read_text()
+    assert 'CBN: 1 of 1 CBN layers paired' in log
+    assert f'CBN window {WINDOW}' in log
+
+
+def test_hook_fails_clearly_on_unpaired_layers(tmp_path):
+    with pytest.raises(RuntimeError, match=r'\bnorm\b.*Fix'):
+        run(tmp_path, ToyNet(paired=False), dict(by_epoch=False, max_iters=1),
+            dict(type='CBNBurnInHook', burnin_iters=0))
+
+
+def test_hook_arguments_are_checked():
+    with pytest.raises(ValueError, match='exactly one'):
+        CBNBurnInHook()
+    with pytest.raises(ValueError, match='>= 0'):
+        CBNBurnInHook(burnin_epochs=-1)
