@@ -220,7 +220,7 @@ class CrossIterationBatchNorm2d(_BatchNorm):
         if self._conv is not None:
             raise RuntimeError(f'{self.layer_name} is already paired with another conv')
         conv.register_forward_hook(_ConvTap(self))
-        self._conv = conv
+        object.__setattr__(self, '_conv', conv)  # a reference, not a child module
 
     # ------------------------------------------------------------------ state
     def _apply(self, fn, recurse=True):

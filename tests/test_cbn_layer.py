@@ -98,6 +98,11 @@ def test_state_dict_round_trip_keeps_history_and_continues_exactly():
     for _ in range(5):
         model(torch.randn(2, 4, 6, 6, dtype=torch.float64))
     state = copy.deepcopy(model.state_dict())
+    assert sorted(state) == sorted(
+        ['0.weight', '0.bias', '1.weight', '1.bias', '1.running_mean', '1.running_var',
+         '1.num_batches_tracked', '1.cbn_steps'] +
+        [f'1.cbn_history.{n}' for n in ('xbar', 'grad_nu', 'stats', 'count', 'valid', 'cursor')])
+    assert len(list(model.modules())) == 3  # the paired conv is referenced, not a child
     assert '1.cbn_history.grad_nu' in state and state['1.cbn_steps'].item() == 5
     restored = conv_cbn(window_size=4, bias=True, seed=3)
     restored.load_state_dict(state)

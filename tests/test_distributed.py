@@ -1,0 +1,50 @@
+"""Two CPU processes through tools/dist_train.sh: per-rank CBN history, BN-like statistics."""
+import os
+import subprocess
+from pathlib import Path
+
+import torch
+from mmengine.config import Config
+from mmengine.runner import load_checkpoint
+from mmdet.registry import MODELS
+from mmdet.utils import register_all_modules
+
+from mmdet_cbn import cbn_layers
+from mmdet_cbn.testing import cpu_smoke_cfg
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIG = ROOT / 'configs/cbn/faster-rcnn_r50_fpn_4conv1fc-cbn-head_1x_coco.py'
+
+
+def test_two_process_training_keeps_history_per_rank(digits_coco, tmp_path):
+    cfg = cpu_smoke_cfg(Config.fromfile(CONFIG), digits_coco, tmp_path / 'work',
+                        img_scale=(96, 96), max_iters_or_epochs=1)
+    cfg.custom_hooks = [dict(type='CBNBurnInHook', burnin_iters=1),
+                        dict(type='CBNStateProbe')]
+    cfg.custom_imports = dict(imports=['mmdet_cbn', 'dist_probe'], allow_failed_imports=False)
+    cfg.train_cfg.val_interval = 100  # training only: evaluation is tested elsewhere
+    cfg_file = tmp_path / 'cfg.py'
+    cfg.dump(str(cfg_file))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT / 'tests'), str(ROOT)]),
+               PORT='29531', OMP_NUM_THREADS='1')
+    proc = subprocess.run(['bash', str(ROOT / 'tools/dist_train.sh'), str(cfg_file), '2'],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    ranks = [torch.load(tmp_path / 'work' / f'cbn_rank{r}.pt') for r in (0, 1)]
+    register_all_modules()
+    model = MODELS.build(cfg.model)
+    assert ranks[0].keys() == ranks[1].keys() == dict(cbn_layers(model)).keys()
+    assert len(ranks[0]) == 12  # FPN: 4 lateral + 4 output convs; box head: 4 shared convs
+    for name in ranks[0]:
+        r0, r1 = ranks[0][name], ranks[1][name]
+        assert r0['steps'] == r1['steps'] == 2  # 8 images / (2 ranks x 2 per batch)
+        assert r0['valid'].sum() == r1['valid'].sum() == 1  # the window-4 step after burn-in
+        # each rank normalized its own shard: its own history and running statistics
+        assert not torch.allclose(r0['stats'], r1['stats'])
+        assert not torch.allclose(r0['running_mean'], r1['running_mean'])
+
+    # the rank-0 checkpoint loads into a single-process model of the same config
+    load_checkpoint(model, str(tmp_path / 'work' / 'epoch_1.pth'), strict=True)
+    for name, layer in cbn_layers(model):
+        torch.testing.assert_close(layer.history.stats, ranks[0][name]['stats'])
+        torch.testing.assert_close(layer.running_mean, ranks[0][name]['running_mean'])
