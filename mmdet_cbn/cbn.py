@@ -12,8 +12,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from .functional import ConvGeometry, aggregate, compensate, grad_nu_wrt_weight, moments
-from .functional import mean_input_patch
+from .functional import (ConvGeometry, compensate, grad_nu_wrt_weight, mean_input_patch,
+                         past_sums, window_normalize)
 
 COMPENSATIONS = ('taylor', 'none')
 
@@ -331,37 +331,33 @@ class CrossIterationBatchNorm2d(_BatchNorm):
 
     def _cross_iteration_forward(self, y: Tensor, conv_io: tuple[Tensor, Tensor] | None,
                                  window: int) -> Tensor:
-        channels = self.num_features
-        count = y.numel() // channels
-        mu, nu = moments(y)
-        stat_dtype = mu.dtype
-        conv = self._conv
+        count = y.numel() // self.num_features
+        stat_dtype = torch.float64 if y.dtype == torch.float64 else torch.float32
         taylor = self.compensation == 'taylor'
+        conv = self._conv
         geometry = ConvGeometry.of(conv) if taylor else None
         groups = geometry.groups if taylor else 1
         depth = math.prod(geometry.weight_shape[1:]) if taylor else 0
         history = self._history_for(window, groups, depth, y.device, stat_dtype)
-        weight = conv.weight.detach() if taylor else None
-        conv_bias = conv.bias.detach() if taylor and conv.bias is not None else None
-
         if count == 1 and history.written == 0:
             raise ValueError(f'{self.layer_name}: expected more than 1 value per channel when '
                              f'training with no past statistics yet (input {tuple(y.shape)}); '
                              'use a larger batch or feature map, or GroupNorm')
+        weight = conv.weight.detach() if taylor else None
+        conv_bias = conv.bias.detach() if taylor and conv.bias is not None else None
+        stats = history.stats
         if taylor:
             mu_hat, nu_hat = compensate(weight, conv_bias, history.xbar, history.grad_nu,
-                                        history.stats[:, 1], history.stats[:, 0],
-                                        history.stats[:, 2], history.stats[:, 3])
+                                        stats[:, 1], stats[:, 0], stats[:, 2], stats[:, 3])
         else:
-            mu_hat, nu_hat = history.stats[:, 0], history.stats[:, 1]
-        mu_bar, var_bar, _ = aggregate(mu, nu, mu_hat, nu_hat, history.valid)
-        total = count + (history.count * history.valid).sum()
-
-        out = self._normalize(y, mu_bar, var_bar)
+            mu_hat, nu_hat = stats[:, 0], stats[:, 1]
+        past_mu, past_nu, k = past_sums(mu_hat, nu_hat, history.valid)
+        out, mu, nu, mu_bar, var_bar = window_normalize(
+            y, self.weight, self.bias, past_mu, past_nu, k, self.eps)
         finite = torch.isfinite(mu).all() & torch.isfinite(nu).all()
-        self._update_running_stats(mu_bar.detach(), var_bar.detach(), total, finite)
-        self._record(history, conv_io, y, mu.detach(), nu.detach(), weight, conv_bias,
-                         geometry, count, finite)
+        total = count + (history.count * history.valid).sum()
+        self._update_running_stats(mu_bar, var_bar, total, finite)
+        self._record(history, conv_io, y, mu, nu, weight, conv_bias, geometry, count, finite)
         return out
 
     def _history_for(self, window: int, groups: int, depth: int, device: torch.device,
@@ -374,17 +370,6 @@ class CrossIterationBatchNorm2d(_BatchNorm):
             history = history.resized(slots)
         self.history = history
         return history
-
-    def _normalize(self, y: Tensor, mean: Tensor, var: Tensor) -> Tensor:
-        """Eq. 11 as one multiply-add: ``y * scale + shift`` with per-channel scale and shift."""
-        scale = torch.rsqrt(var + self.eps)
-        if self.affine:
-            scale = scale * self.weight.to(scale.dtype)
-            shift = self.bias.to(scale.dtype) - mean * scale
-        else:
-            shift = -mean * scale
-        return torch.addcmul(shift.to(y.dtype).view(1, -1, 1, 1), y,
-                             scale.to(y.dtype).view(1, -1, 1, 1))
 
     @torch.no_grad()
     def _update_running_stats(self, mean: Tensor, var: Tensor, total: Tensor,

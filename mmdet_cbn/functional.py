@@ -15,8 +15,8 @@ import torch
 from torch import Tensor
 
 __all__ = [
-    'ConvGeometry', 'moments', 'mean_input_patch', 'grad_nu_wrt_weight', 'compensate',
-    'aggregate',
+    'ConvGeometry', 'mean_input_patch', 'grad_nu_wrt_weight', 'compensate', 'past_sums',
+    'window_normalize',
 ]
 
 
@@ -56,16 +56,6 @@ def _conv_weight_grad(x: Tensor, grad_y: Tensor, weight_shape: tuple[int, ...],
         grad_y, x, dummy, None, list(stride), list(padding), list(dilation), False, [0, 0],
         groups, [False, True, False])
     return grad_w
-
-
-def moments(y: Tensor) -> tuple[Tensor, Tensor]:
-    """Per-channel first and second raw moments of ``y`` (N, C, H, W), in float32 or wider.
-
-    Returns ``(mu, nu)``, each of shape ``(C,)``: ``mu = mean(y)``, ``nu = mean(y^2)``.
-    """
-    yf = y if y.dtype in (torch.float32, torch.float64) else y.float()
-    dims = (0, 2, 3)
-    return yf.mean(dims), yf.square().mean(dims)
 
 
 def mean_input_patch(x: Tensor, geometry: ConvGeometry, out_hw: tuple[int, int]) -> Tensor:
@@ -149,26 +139,92 @@ def compensate(weight: Tensor, bias: Tensor | None, xbar: Tensor, grad_nu: Tenso
     return mu_hat, nu_hat
 
 
-def aggregate(mu: Tensor, nu: Tensor, mu_hat: Tensor, nu_hat: Tensor,
-              valid: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """Window aggregation (Eq. 9, 10) of the current moments and the compensated past ones.
-
-    ``mu_bar = 1/k sum mu_hat``, ``nu_bar = 1/k sum max(nu_hat, mu_hat^2)``,
-    ``sigma2_bar = max(nu_bar - mu_bar^2, 0)``, over the current iteration and the valid slots.
+def past_sums(mu_hat: Tensor, nu_hat: Tensor, valid: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """The past iterations' share of the window aggregation (Eq. 9, 10).
 
     Args:
-        mu, nu: ``(C,)`` current moments (gradients flow through them).
         mu_hat, nu_hat: ``(S, C)`` compensated past moments (detached).
         valid: ``(S,)`` bool, which slots hold a finite record; invalid ones are ignored.
 
     Returns:
-        ``(mu_bar, sigma2_bar, k)`` with ``k`` the number of aggregated iterations (a 0-d tensor).
+        ``(sum mu_hat, sum max(nu_hat, mu_hat^2), k)`` over the valid slots, each ``(C,)``,
+        and ``k = 1 + #valid``, the number of aggregated iterations (0-d tensor).
     """
     keep = valid.unsqueeze(1)
     zero = mu_hat.new_zeros(())
-    past_mu = torch.where(keep, mu_hat, zero).sum(0)
-    past_nu = torch.where(keep, torch.maximum(nu_hat, mu_hat.square()), zero).sum(0)
-    k = 1 + valid.sum().to(mu.dtype)
-    mu_bar = (mu + past_mu) / k
-    nu_bar = (torch.maximum(nu, mu.square()) + past_nu) / k
-    return mu_bar, (nu_bar - mu_bar.square()).clamp_min(0), k
+    sum_mu = torch.where(keep, mu_hat, zero).sum(0)
+    sum_nu = torch.where(keep, torch.maximum(nu_hat, mu_hat.square()), zero).sum(0)
+    return sum_mu, sum_nu, 1 + valid.sum().to(mu_hat.dtype)
+
+
+def _stat_dtype(t: Tensor) -> torch.dtype:
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+class _WindowNormalize(torch.autograd.Function):
+    """Eq. 9-11 for the current batch with fixed past sums, forward and backward in closed form.
+
+    One fused function instead of a chain of autograd ops: the forward reads ``y`` twice (one
+    ``var_mean`` pass, one multiply-add), the backward three times (two per-channel reductions
+    and one fused ``g * A + y * B + C``), as BatchNorm's own kernels do.
+    """
+
+    @staticmethod
+    def forward(ctx, y, weight, bias, past_mu, past_nu, k, eps):
+        dtype = _stat_dtype(y)
+        yf = y.to(dtype)
+        var, mu = torch.var_mean(yf, dim=(0, 2, 3), correction=0)
+        nu = var + mu.square()  # = mean(y^2) and >= mu^2, so Eq. 10's max is nu itself
+        mu_bar = (mu + past_mu) / k
+        raw_var = (nu + past_nu) / k - mu_bar.square()
+        inv_std = torch.rsqrt(raw_var.clamp_min(0) + eps)
+        scale = inv_std if weight is None else inv_std * weight.to(dtype)
+        shift = -mu_bar * scale if bias is None else bias.to(dtype) - mu_bar * scale
+        out = torch.addcmul(shift.to(y.dtype).view(1, -1, 1, 1), y,
+                            scale.to(y.dtype).view(1, -1, 1, 1))
+        ctx.save_for_backward(y, weight, mu_bar, inv_std, scale, raw_var >= 0)
+        ctx.k, ctx.count = k, y.numel() // y.shape[1]
+        ctx.mark_non_differentiable(mu, nu, mu_bar)
+        return out, mu, nu, mu_bar, raw_var.clamp_min(0)
+
+    @staticmethod
+    def backward(ctx, grad_out, *unused):
+        y, weight, mu_bar, inv_std, scale, var_positive = ctx.saved_tensors
+        dtype = scale.dtype
+        g = grad_out.to(dtype)
+        yf = y.to(dtype)
+        g_sum = g.sum((0, 2, 3))
+        gy_sum = (g * yf).sum((0, 2, 3))
+        d_scale_part = gy_sum - mu_bar * g_sum  # d loss / d (scale / gamma), times gamma
+        gamma = 1 if weight is None else weight.to(dtype)
+        d_inv_std = gamma * d_scale_part
+        d_var = torch.where(var_positive, -0.5 * inv_std.pow(3) * d_inv_std, 0)
+        d_mu_bar = -scale * g_sum - 2 * mu_bar * d_var
+        d_mu, d_nu = d_mu_bar / ctx.k, d_var / ctx.k
+        a = scale.view(1, -1, 1, 1)
+        b = (2 * d_nu / ctx.count).view(1, -1, 1, 1)
+        c = (d_mu / ctx.count).view(1, -1, 1, 1)
+        grad_y = torch.addcmul(torch.addcmul(c, yf, b), g, a).to(y.dtype)
+        grad_w = (inv_std * d_scale_part).to(weight.dtype) if ctx.needs_input_grad[1] else None
+        grad_b = g_sum.to(weight.dtype) if ctx.needs_input_grad[2] else None
+        return grad_y, grad_w, grad_b, None, None, None, None
+
+
+def window_normalize(y: Tensor, weight: Tensor | None, bias: Tensor | None, past_mu: Tensor,
+                     past_nu: Tensor, k: Tensor, eps: float
+                     ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Normalize ``y`` with the statistics aggregated over the window (Eq. 9-11).
+
+    Args:
+        y: ``(N, C, H, W)`` the current conv output; gradients flow through its moments.
+        weight, bias: ``(C,)`` the affine parameters, or None.
+        past_mu: ``(C,)`` sum of the valid compensated past means ``mu_hat``.
+        past_nu: ``(C,)`` sum of the valid ``max(nu_hat, mu_hat^2)``.
+        k: number of aggregated iterations, the current one included (0-d tensor).
+        eps: added to the variance.
+
+    Returns:
+        ``(out, mu, nu, mu_bar, sigma2_bar)``: the normalized ``y`` (dtype of ``y``), the
+        current raw moments and the aggregated mean and variance (detached, float32 or float64).
+    """
+    return _WindowNormalize.apply(y, weight, bias, past_mu, past_nu, k, eps)

@@ -4,8 +4,8 @@ import torch
 from torch import nn
 
 from cbn_reference import compensated, stats_and_grads
-from mmdet_cbn.functional import (ConvGeometry, aggregate, compensate, grad_nu_wrt_weight,
-                                  mean_input_patch)
+from mmdet_cbn.functional import (ConvGeometry, compensate, grad_nu_wrt_weight,
+                                  mean_input_patch, past_sums, window_normalize)
 
 CONVS = {
     'plain': dict(in_channels=4, out_channels=6, kernel_size=3, padding=1),
@@ -99,13 +99,45 @@ def test_sampled_grad_nu_is_unbiased_over_offsets():
     assert not torch.allclose(sampled[0], exact)
 
 
-def test_aggregate_ignores_invalid_slots_and_clamps_variance():
-    mu = torch.tensor([1.0, 2.0])
-    nu = torch.tensor([2.0, 4.0])  # second channel has zero variance
+def test_window_aggregation_ignores_invalid_slots_and_clamps_variance():
+    y = torch.tensor([1.0, 1.0, 1.0, 3.0]).view(2, 2, 1, 1)  # ch0: 1, 1 (mu 1, nu 1); ch1: 1, 3
     mu_hat = torch.tensor([[3.0, 2.0], [float('nan'), 5.0]])
-    nu_hat = torch.tensor([[1.0, 4.0], [float('nan'), 1.0]])  # slot 0 ch 0: nu < mu^2
-    mu_bar, var_bar, k = aggregate(mu, nu, mu_hat, nu_hat, torch.tensor([True, False]))
+    nu_hat = torch.tensor([[1.0, 5.0], [float('nan'), 1.0]])  # slot 0 ch 0: nu_hat < mu_hat^2
+    past_mu, past_nu, k = past_sums(mu_hat, nu_hat, torch.tensor([True, False]))
     assert k.item() == 2
+    torch.testing.assert_close(past_nu, torch.tensor([9.0, 5.0]))  # max(1, 3^2), max(5, 4)
+    out, mu, nu, mu_bar, var_bar = window_normalize(y, None, None, past_mu, past_nu, k, 0.0)
     torch.testing.assert_close(mu_bar, torch.tensor([2.0, 2.0]))
-    # nu_bar = (2 + max(1, 9)) / 2 = 5.5 -> var 1.5; channel 1: (4 + 4) / 2 - 4 = 0
-    torch.testing.assert_close(var_bar, torch.tensor([1.5, 0.0]))
+    # ch0: nu_bar = (1 + 9) / 2 = 5 -> var 1; ch1: (5 + 5) / 2 - 4 = 1
+    torch.testing.assert_close(var_bar, torch.tensor([1.0, 1.0]))
+    torch.testing.assert_close(out.flatten(), torch.tensor([-1.0, -1.0, -1.0, 1.0]))
+    # inconsistent sums (only rounding can make them so): sigma2_bar is clamped at 0
+    _, _, _, _, var_bar = window_normalize(torch.zeros(2, 1, 1, 1), None, None,
+                                           torch.tensor([2.0]), torch.tensor([0.0]),
+                                           torch.tensor(2.0), 1e-5)
+    assert var_bar.item() == 0.0
+
+
+def test_window_normalize_backward_is_the_autograd_of_eq_9_11():
+    torch.manual_seed(0)
+    y = torch.randn(3, 4, 5, 5, dtype=torch.float64, requires_grad=True)
+    w = torch.rand(4, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(4, dtype=torch.float64, requires_grad=True)
+    past_mu, past_nu = torch.randn(4, dtype=torch.float64), 3 + torch.rand(4, dtype=torch.float64)
+    k = torch.tensor(3.0, dtype=torch.float64)
+
+    def composite(y, w, b):
+        mu, nu = y.mean((0, 2, 3)), y.square().mean((0, 2, 3))
+        mu_bar, nu_bar = (mu + past_mu) / k, (nu + past_nu) / k
+        std = torch.sqrt(nu_bar - mu_bar.square() + 1e-5)
+        return (y - mu_bar.view(1, -1, 1, 1)) / std.view(1, -1, 1, 1) * w.view(1, -1, 1, 1) \
+            + b.view(1, -1, 1, 1)
+
+    def fused(y, w, b):
+        return window_normalize(y, w, b, past_mu, past_nu, k, 1e-5)[0]
+
+    torch.testing.assert_close(fused(y, w, b), composite(y, w, b))
+    assert torch.autograd.gradcheck(fused, (y, w, b))
+    g = torch.randn(3, 4, 5, 5, dtype=torch.float64)
+    torch.testing.assert_close(torch.autograd.grad(fused(y, w, b), (y, w, b), g),
+                               torch.autograd.grad(composite(y, w, b), (y, w, b), g))

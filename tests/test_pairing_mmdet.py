@@ -10,7 +10,11 @@ from mmdet_cbn import CrossIterationBatchNorm2d, cbn_layers, pair_cbn_layers
 
 CBN = dict(type='CBN', requires_grad=True, window_size=2)
 
-register_all_modules()
+
+@pytest.fixture(autouse=True)
+def mmdet_scope():
+    """Build in mmdet's scope even if a Runner of another test changed the default scope."""
+    register_all_modules(init_default_scope=True)
 
 MODULES = {
     'resnet50_all_stages': (
