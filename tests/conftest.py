@@ -1,0 +1,28 @@
+"""Shared fixtures: a tiny digits dataset and deterministic CPU seeds."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from mmdet_cbn.datasets import make_digits_coco
+
+
+@pytest.fixture(scope='session')
+def digits_coco(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Root of a tiny digits COCO dataset (8 train and 4 val images, 128x128)."""
+    root = tmp_path_factory.mktemp('digits_coco')
+    make_digits_coco(root, num_train=8, num_val=4, image_size=128, seed=0)
+    return root
+
+
+@pytest.fixture(autouse=True)
+def _seed_everything() -> None:
+    """Seed Python, numpy and torch before every test."""
+    random.seed(0)
+    np.random.seed(0)
+    torch.manual_seed(0)
