@@ -15,8 +15,14 @@ assert mmcv.__version__ == '2.1.0', mmcv.__version__
 PYEOF
 }
 
-if mmcv_ready && "$PY" -c "import mmdet_cbn, mmdet, sklearn, pytest" 2>/dev/null; then
-    echo "[install] mmdet-cbn and its stack are already installed."
+link_checkout() {  # (re)point the editable install at this checkout: a few seconds
+    $PIP --no-build-isolation --no-deps -e .
+}
+
+if mmcv_ready && "$PY" -c "import mmdet, pycocotools, sklearn, matplotlib, pytest" 2>/dev/null
+then
+    echo "[install] the pinned stack is already installed; linking mmdet-cbn from $(pwd)."
+    link_checkout
     exit 0
 fi
 
@@ -35,5 +41,5 @@ fi
 
 echo "[install] mmengine, mmdet, pycocotools, demo and test tools, and mmdet-cbn itself"
 $PIP -r requirements/runtime.txt -r requirements/extras.txt
-$PIP --no-build-isolation --no-deps -e .
+link_checkout
 echo "[install] done."
