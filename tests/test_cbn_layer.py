@@ -75,8 +75,8 @@ def test_matches_literal_reference_over_a_training_run(compensation, conv_kw):
 def test_gradients_flow_only_through_the_current_iteration_gradcheck():
     model = conv_cbn(window_size=3, bias=True)
     for _ in range(2):  # fill the history
-        model(torch.randn(2, 4, 6, 6, dtype=torch.float64))
-    x = torch.randn(2, 4, 6, 6, dtype=torch.float64, requires_grad=True)
+        model(torch.randn(2, 4, 4, 4, dtype=torch.float64))
+    x = torch.randn(2, 4, 4, 4, dtype=torch.float64, requires_grad=True)
 
     def fresh_forward(inp):
         return copy.deepcopy(model)(inp)
