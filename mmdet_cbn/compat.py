@@ -14,6 +14,13 @@ it makes is listed here, with the reason; nothing in site-packages is edited.
    public extension point ``CheckpointLoader.register_scheme(..., force=True)``
    with a loader that passes ``weights_only=False``. Only local files, which are
    the user's own checkpoints, are affected; URL schemes keep torch's default.
+
+2. Distributed training on CPU-only torch (what ``tools/dist_train.sh CONFIG 2`` runs on a
+   machine without GPUs). mmengine's ``init_dist`` calls ``torch.cuda.set_device`` first, and
+   its default DDP wrapper passes ``device_ids=[LOCAL_RANK]``, which DDP rejects for CPU
+   modules. :func:`setup_cpu_distributed` starts the gloo process group itself (the Runner then
+   skips ``init_dist``) and sets ``model_wrapper_cfg`` without ``device_ids``. With CUDA it
+   does nothing.
 """
 
 from __future__ import annotations
@@ -21,6 +28,7 @@ from __future__ import annotations
 import os.path as osp
 
 import torch
+import torch.distributed as dist
 from mmengine.runner import CheckpointLoader
 
 
@@ -47,3 +55,16 @@ def load_from_local(filename: str, map_location=None) -> dict:
 def apply() -> None:
     """Apply every fix listed in the module docstring (idempotent)."""
     CheckpointLoader.register_scheme(prefixes='', loader=load_from_local, force=True)
+
+
+def setup_cpu_distributed(cfg) -> None:
+    """Prepare a ``pytorch``-launcher run on a machine without CUDA (fix 2 above).
+
+    Called by ``tools/train.py`` and ``tools/test.py`` after the config is loaded.
+    """
+    if cfg.get('launcher') != 'pytorch' or torch.cuda.is_available():
+        return
+    if not dist.is_initialized():
+        dist.init_process_group('gloo')
+    if cfg.get('model_wrapper_cfg') is None:
+        cfg.model_wrapper_cfg = dict(type='MMDistributedDataParallel', device_ids=None)

@@ -12,8 +12,6 @@ import os.path as osp
 import warnings
 from copy import deepcopy
 
-import torch
-import torch.distributed as dist
 from mmengine import ConfigDict
 from mmengine.config import Config, DictAction
 from mmengine.runner import Runner
@@ -23,7 +21,7 @@ from mmdet.evaluation import DumpDetResults
 from mmdet.registry import RUNNERS
 from mmdet.utils import setup_cache_size_limit_of_dynamo
 
-import mmdet_cbn  # noqa: F401
+from mmdet_cbn.compat import setup_cpu_distributed
 
 
 # TODO: support fuse_conv_bn and format_only
@@ -72,22 +70,6 @@ def parse_args():
     if 'LOCAL_RANK' not in os.environ:
         os.environ['LOCAL_RANK'] = str(args.local_rank)
     return args
-
-
-def setup_cpu_distributed(cfg):
-    """Prepare a ``pytorch``-launcher run on a machine without CUDA.
-
-    mmengine's ``init_dist`` calls ``torch.cuda.set_device``, so start the
-    gloo process group here (the Runner then skips its own), and wrap the CPU
-    model in DDP without ``device_ids``, which DDP rejects for CPU modules.
-    """
-    if cfg.launcher != 'pytorch' or torch.cuda.is_available():
-        return
-    if not dist.is_initialized():
-        dist.init_process_group('gloo')
-    if cfg.get('model_wrapper_cfg') is None:
-        cfg.model_wrapper_cfg = dict(
-            type='MMDistributedDataParallel', device_ids=None)
 
 
 def main():
