@@ -140,8 +140,10 @@ class CrossIterationBatchNorm2d(_BatchNorm):
         compensation: ``'taylor'`` (CBN) or ``'none'`` (the paper's Naive CBN).
         burnin_iters: training iterations with window 1 before the full window is used; ignored
             while a hook sets the window (:meth:`set_window`).
-        grad_nu_stride: ``s > 1`` estimates ``d nu / d W`` from every ``s``-th output position
-            in each direction (random offset per iteration): ``s^2`` times cheaper, unbiased.
+        grad_nu_stride: ``s > 1`` estimates ``d nu / d W`` from ``1 / s^2`` of the examples
+            with a random offset per iteration (unbiased, ``s^2`` times cheaper): every
+            ``s^2``-th image or RoI when there are at least ``4 s^2`` of them (RoI heads), else
+            every ``s``-th output position in each direction (FPN levels).
     """
 
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1,
@@ -398,10 +400,16 @@ class CrossIterationBatchNorm2d(_BatchNorm):
             x = conv_io[0]
             xbar = mean_input_patch(x, geometry, y.shape[2:])
             stride = self.grad_nu_stride
-            offset = (0, 0)
-            if stride > 1:
-                offset = tuple(int(v) for v in torch.randint(stride, (2,)))
-            grad_nu = grad_nu_wrt_weight(x, y, geometry, stride, offset)
+            if stride > 1 and y.shape[0] >= 4 * stride ** 2:
+                # many examples (RoIs): every s^2-th one, random offset; a stride-1 conv
+                step = stride ** 2
+                first = int(torch.randint(step, ()))
+                grad_nu = grad_nu_wrt_weight(x[first::step], y[first::step], geometry)
+            else:
+                offset = (0, 0)
+                if stride > 1:
+                    offset = tuple(int(v) for v in torch.randint(stride, (2,)))
+                grad_nu = grad_nu_wrt_weight(x, y, geometry, stride, offset)
             stats[2] = (grad_nu * weight.reshape(weight.shape[0], -1).to(grad_nu.dtype)).sum(1)
             if conv_bias is not None:
                 stats[3] = conv_bias

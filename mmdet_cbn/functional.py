@@ -161,53 +161,63 @@ def _stat_dtype(t: Tensor) -> torch.dtype:
     return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
+def _channel_sums(y: Tensor) -> tuple[Tensor, Tensor]:
+    """``(sum y, sum y^2)`` per channel in one pass of BatchNorm's backward reduction kernel.
+
+    ``native_batch_norm_backward`` in eval mode returns ``grad_bias = sum(g)`` and
+    ``grad_weight = sum(g * (y - mean) / sqrt(var + eps))``; with ``g = y``, ``mean = 0``,
+    ``var = 1`` and ``eps = 0`` these are the two raw sums. One fused read of ``y``, where
+    ``y.mean`` + ``y.square().mean`` (or ``var_mean``) take 3-10x longer on CPU.
+    """
+    c = y.shape[1]
+    dtype = _stat_dtype(y)
+    _, sum_sq, sum_ = torch.ops.aten.native_batch_norm_backward(
+        y, y, None, y.new_zeros(c, dtype=dtype), y.new_ones(c, dtype=dtype), None, None, False,
+        0.0, [False, True, True])
+    return sum_, sum_sq
+
+
 class _WindowNormalize(torch.autograd.Function):
     """Eq. 9-11 for the current batch with fixed past sums, forward and backward in closed form.
 
-    One fused function instead of a chain of autograd ops: the forward reads ``y`` twice (one
-    ``var_mean`` pass, one multiply-add), the backward three times (two per-channel reductions
-    and one fused ``g * A + y * B + C``), as BatchNorm's own kernels do.
+    Built on BatchNorm's own CPU/CUDA kernels: forward = one reduction pass for the raw sums
+    plus BN's eval-mode kernel with the window statistics; backward = BN's eval-mode backward
+    (the reductions and ``g * scale``) plus the per-channel ``y * B + C`` of the moments' paths
+    (BN's eval kernel again) and one add.
     """
 
     @staticmethod
     def forward(ctx, y, weight, bias, past_mu, past_nu, k, eps):
-        dtype = _stat_dtype(y)
-        yf = y.to(dtype)
-        var, mu = torch.var_mean(yf, dim=(0, 2, 3), correction=0)
-        nu = var + mu.square()  # = mean(y^2) and >= mu^2, so Eq. 10's max is nu itself
+        count = y.numel() // y.shape[1]
+        sum_, sum_sq = _channel_sums(y)
+        mu, nu = sum_ / count, sum_sq / count
         mu_bar = (mu + past_mu) / k
         raw_var = (nu + past_nu) / k - mu_bar.square()
-        inv_std = torch.rsqrt(raw_var.clamp_min(0) + eps)
-        scale = inv_std if weight is None else inv_std * weight.to(dtype)
-        shift = -mu_bar * scale if bias is None else bias.to(dtype) - mu_bar * scale
-        out = torch.addcmul(shift.to(y.dtype).view(1, -1, 1, 1), y,
-                            scale.to(y.dtype).view(1, -1, 1, 1))
-        ctx.save_for_backward(y, weight, mu_bar, inv_std, scale, raw_var >= 0)
-        ctx.k, ctx.count = k, y.numel() // y.shape[1]
-        ctx.mark_non_differentiable(mu, nu, mu_bar)
-        return out, mu, nu, mu_bar, raw_var.clamp_min(0)
+        var_bar = raw_var.clamp_min(0)
+        out = torch.nn.functional.batch_norm(y, mu_bar, var_bar, weight, bias, False, 0.0, eps)
+        ctx.save_for_backward(y, weight, mu_bar, var_bar, raw_var >= 0)
+        ctx.k, ctx.count, ctx.eps = k, count, eps
+        ctx.mark_non_differentiable(mu, nu, mu_bar, var_bar)
+        return out, mu, nu, mu_bar, var_bar
 
     @staticmethod
     def backward(ctx, grad_out, *unused):
-        y, weight, mu_bar, inv_std, scale, var_positive = ctx.saved_tensors
-        dtype = scale.dtype
-        g = grad_out.to(dtype)
-        yf = y.to(dtype)
-        g_sum = g.sum((0, 2, 3))
-        gy_sum = (g * yf).sum((0, 2, 3))
-        d_scale_part = gy_sum - mu_bar * g_sum  # d loss / d (scale / gamma), times gamma
-        gamma = 1 if weight is None else weight.to(dtype)
-        d_inv_std = gamma * d_scale_part
-        d_var = torch.where(var_positive, -0.5 * inv_std.pow(3) * d_inv_std, 0)
-        d_mu_bar = -scale * g_sum - 2 * mu_bar * d_var
+        y, weight, mu_bar, var_bar, var_positive = ctx.saved_tensors
+        grad_y, grad_w, g_sum = torch.ops.aten.native_batch_norm_backward(
+            grad_out, y, weight, mu_bar, var_bar, None, None, False, ctx.eps,
+            [True, True, True])
+        # grad_w = sum(g (y - mu_bar)) * inv_std; g_sum = sum(g)
+        inv_std = torch.rsqrt(var_bar + ctx.eps)
+        gamma = 1 if weight is None else weight.to(inv_std.dtype)
+        d_var = torch.where(var_positive, -0.5 * inv_std.square() * gamma * grad_w, 0)
+        d_mu_bar = -gamma * inv_std * g_sum - 2 * mu_bar * d_var
         d_mu, d_nu = d_mu_bar / ctx.k, d_var / ctx.k
-        a = scale.view(1, -1, 1, 1)
-        b = (2 * d_nu / ctx.count).view(1, -1, 1, 1)
-        c = (d_mu / ctx.count).view(1, -1, 1, 1)
-        grad_y = torch.addcmul(torch.addcmul(c, yf, b), g, a).to(y.dtype)
-        grad_w = (inv_std * d_scale_part).to(weight.dtype) if ctx.needs_input_grad[1] else None
-        grad_b = g_sum.to(weight.dtype) if ctx.needs_input_grad[2] else None
-        return grad_y, grad_w, grad_b, None, None, None, None
+        b = 2 * d_nu / ctx.count
+        c = d_mu / ctx.count
+        grad_y.add_(torch.nn.functional.batch_norm(  # y * b + c, BN's per-channel kernel
+            y, torch.zeros_like(b), torch.ones_like(b), b, c, False, 0.0, 0.0))
+        return (grad_y, grad_w if ctx.needs_input_grad[1] else None,
+                g_sum if ctx.needs_input_grad[2] else None, None, None, None, None)
 
 
 def window_normalize(y: Tensor, weight: Tensor | None, bias: Tensor | None, past_mu: Tensor,

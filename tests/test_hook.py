@@ -45,7 +45,8 @@ def run(tmp_path, model, train_cfg, hook):
                               sampler=dict(type='DefaultSampler', shuffle=False),
                               collate_fn=dict(type='default_collate')),
         optim_wrapper=dict(optimizer=dict(type='SGD', lr=0.01)), train_cfg=train_cfg,
-        custom_hooks=[hook], default_hooks=dict(checkpoint=None), log_level='INFO')
+        custom_hooks=[hook], default_hooks=dict(checkpoint=None), log_level='INFO',
+        experiment_name=tmp_path.name)  # one logger (and log file) per test
     runner.train()
     return runner
 

@@ -61,7 +61,8 @@ def make_runner(work_dir, max_epochs, resume=False, optim_wrapper=None):
         train_cfg=dict(by_epoch=True, max_epochs=max_epochs),
         custom_hooks=[dict(type='CBNBurnInHook', burnin_epochs=1), recorder],
         default_hooks=dict(checkpoint=dict(type='CheckpointHook', interval=1)),
-        randomness=dict(seed=0), resume=resume, log_level='WARNING')
+        randomness=dict(seed=0), resume=resume, log_level='WARNING',
+        experiment_name=f'{work_dir.parent.name}-{work_dir.name}')  # one logger per run
     return runner, recorder
 
 
