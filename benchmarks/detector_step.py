@@ -1,0 +1,151 @@
+"""Training-step time of Faster R-CNN R50-FPN 4conv1fc with CBN against BN in the head.
+
+The two models are built through mmdet's registry from the repository's configs (Table 4 of
+the paper: fixed-BN backbone, the normalizer in the FPN neck and the 4conv1fc box head):
+``configs/baselines/faster-rcnn_r50_fpn_4conv1fc-bn-head_1x_coco.py`` and
+``configs/cbn/faster-rcnn_r50_fpn_4conv1fc-cbn-head_1x_coco.py``, with the ImageNet
+checkpoint of the backbone disabled. Variants, stepped interleaved on the same random batch:
+
+- ``bn``: BN in neck and head;
+- ``cbn_exact``: CBN (window 4, history full after warm-up steps);
+- ``cbn_sampled``: the same with ``grad_nu_stride=2`` (``--grad-nu-stride``);
+- ``cbn_burnin``: CBN with window 1 (the burn-in period).
+
+A step is mmengine's ``model.train_step`` (data preprocessor, forward, losses, backward, SGD),
+as the training loop runs it. Targets: exact <= 1.15 x BN, sampled <= 1.05 x BN.
+
+Usage: ``python benchmarks/detector_step.py --threads 2 --size 256 --out detector.json``
+(``--quick`` for a small smoke run).
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+import torch
+from common import add_common_arguments, environment, interleaved, ratio, setup_torch, write_json
+from torch import nn
+
+from mmdet_cbn import cbn_layers, pair_cbn_layers
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = {
+    'bn': ROOT / 'configs/baselines/faster-rcnn_r50_fpn_4conv1fc-bn-head_1x_coco.py',
+    'cbn': ROOT / 'configs/cbn/faster-rcnn_r50_fpn_4conv1fc-cbn-head_1x_coco.py',
+}
+WINDOW = 4
+CBN_VARIANTS = ('cbn_exact', 'cbn_sampled', 'cbn_burnin')
+TARGETS = {
+    'cbn_exact / bn': ('cbn_exact', 'bn', 1.15),
+    'cbn_sampled / bn': ('cbn_sampled', 'bn', 1.05),
+    'cbn_burnin / bn': ('cbn_burnin', 'bn', 1.03),
+}
+
+
+def build_detector(config: Path, seed: int, device: torch.device,
+                   rois_per_image: int | None = None) -> nn.Module:
+    """Build the detector of ``config`` with PyTorch's default random init (no checkpoint)."""
+    from mmdet.registry import MODELS
+    from mmengine.config import Config
+    from mmengine.registry import init_default_scope
+
+    cfg = Config.fromfile(str(config))
+    init_default_scope(cfg.get('default_scope', 'mmdet'))
+    for name in cfg.get('custom_imports', {}).get('imports', []):
+        __import__(name)
+    cfg.model.backbone.init_cfg = None
+    if rois_per_image is not None:
+        cfg.model.train_cfg.rcnn.sampler.num = rois_per_image
+        cfg.model.train_cfg.rpn.sampler.num = rois_per_image
+    torch.manual_seed(seed)
+    return MODELS.build(cfg.model).to(device).train()
+
+
+def demo_batch(size: int, images: int, boxes: int, seed: int) -> dict[str, Any]:
+    """A batch of random images with random boxes, as the data loader would hand it over."""
+    from mmdet.testing import demo_mm_inputs
+
+    torch.manual_seed(seed)
+    return demo_mm_inputs(batch_size=images, image_shapes=(3, size, size),
+                          num_items=[boxes] * images, num_classes=80)
+
+
+def build_variants(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
+    """One mmengine ``train_step`` callable per variant."""
+    from mmengine.optim import OptimWrapper
+
+    batch = demo_batch(args.size, args.images, args.boxes, args.seed)
+    rois = args.rois_per_image
+    models = {'bn': build_detector(CONFIGS['bn'], args.seed, device, rois)}
+    for name, window, stride in (('cbn_exact', WINDOW, 1),
+                                 ('cbn_sampled', WINDOW, args.grad_nu_stride),
+                                 ('cbn_burnin', 1, 1)):
+        if name not in args.variants:
+            continue
+        model = build_detector(CONFIGS['cbn'], args.seed, device, rois)
+        pair_cbn_layers(model)
+        for _, layer in cbn_layers(model):
+            layer.set_window(window)
+            layer.grad_nu_stride = stride
+        models[name] = model
+    variants = {}
+    for name, model in models.items():
+        optim = OptimWrapper(torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9,
+                                             weight_decay=1e-4))
+
+        def step(model: nn.Module = model, optim: OptimWrapper = optim) -> None:
+            model.train_step(batch, optim)
+        variants[name] = step
+    return {'variants': variants,
+            'cbn_layers': max(len(cbn_layers(m)) for m in models.values()),
+            'bn_layers': sum(isinstance(m, nn.BatchNorm2d) for m in models['bn'].modules())}
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    add_common_arguments(parser, repeats=5)
+    parser.add_argument('--size', type=int, default=256, help='square image side')
+    parser.add_argument('--images', type=int, default=2, help='images per batch')
+    parser.add_argument('--boxes', type=int, default=3, help='ground-truth boxes per image')
+    parser.add_argument('--rois-per-image', type=int, default=None,
+                        help="RoIs sampled per image in the box head (default: the config's)")
+    parser.add_argument('--grad-nu-stride', type=int, default=2,
+                        help='grad_nu_stride of the cbn_sampled variant')
+    parser.add_argument('--lr', type=float, default=0.002)
+    parser.add_argument('--variants', nargs='+', choices=CBN_VARIANTS, default=list(CBN_VARIANTS),
+                        help='CBN variants to time against BN')
+    parser.add_argument('--warmup', type=int, default=WINDOW,
+                        help='untimed steps per variant first (>= window - 1 fills the history)')
+    parser.add_argument('--quick', action='store_true',
+                        help='smoke run: one 64x64 image, 32 RoIs, 1 warm-up step, 1 repeat')
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.size, args.images, args.rois_per_image, args.repeats, args.warmup = 64, 1, 32, 1, 1
+    device = setup_torch(args)
+    built = build_variants(args, device)
+    timings = interleaved(built['variants'], args.repeats, device, warmup=args.warmup,
+                          clock=args.clock)
+    ratios = {}
+    for name, (num, den, bound) in TARGETS.items():
+        if num not in timings:
+            continue
+        value = ratio(timings, num, den)
+        ratios[name] = {'value': value, 'target_max': bound, 'met': value <= bound}
+    results = {'environment': environment(device),
+               'args': {k: str(v) for k, v in vars(args).items()},
+               'configs': {k: str(v.relative_to(ROOT)) for k, v in CONFIGS.items()},
+               'cbn_layers': built['cbn_layers'], 'timings': timings, 'ratios': ratios}
+    print(f'Faster R-CNN R50-FPN 4conv1fc, {args.images} x {args.size}x{args.size} images, '
+          f"{built['cbn_layers']} CBN layers (neck + box head)")
+    for name, t in timings.items():
+        print(f"  {name:<12}{t['median_s']:>8.2f} s (min {t['min_s']:.2f} s)")
+    for name, r in ratios.items():
+        print(f"  {name:<18}{r['value']:>6.3f}  (target <= {r['target_max']:.2f}: "
+              f"{'met' if r['met'] else 'NOT met'})")
+    write_json(args.out, results)
+    return results
+
+
+if __name__ == '__main__':
+    main()

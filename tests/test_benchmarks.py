@@ -1,0 +1,96 @@
+"""Smoke tests of the benchmark scripts: each runs a tiny ``--quick`` configuration and writes
+valid JSON. Timings are never asserted (they are no unit tests); only the structure is.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+ROOT = Path(__file__).resolve().parents[1]
+BENCHMARKS = ROOT / 'benchmarks'
+
+
+def run_script(name: str, tmp_path: Path, *extra: str) -> dict:
+    out = tmp_path / f'{name}.json'
+    subprocess.run([sys.executable, str(BENCHMARKS / f'{name}.py'), '--quick', '--threads', '1',
+                    '--out', str(out), *extra], cwd=ROOT, check=True, capture_output=True,
+                   text=True, timeout=900)
+    return json.loads(out.read_text())
+
+
+def test_layer_speed_quick(tmp_path: Path) -> None:
+    result = run_script('layer_speed', tmp_path, '--clock', 'cpu')
+    assert set(result['shapes']) == {'fpn-small', 'roi-small'}
+    for shape in result['shapes'].values():
+        assert set(shape['timings']) == {'bn', 'bn_floor', 'cbn_exact', 'cbn_sampled',
+                                         'cbn_burnin', 'autograd_cbn', 'bn_eval', 'cbn_eval'}
+        assert all(t['median_s'] > 0 for t in shape['timings'].values())
+        assert isinstance(shape['ratios']['cbn_exact / (bn + floor)']['met'], bool)
+    for error in result['sampled_error'].values():
+        assert error['sampled_vs_exact_sigma2_bar']['median'] >= 0
+    assert result['environment']['torch_threads'] == 1
+
+
+def test_memory_quick(tmp_path: Path) -> None:
+    result = run_script('memory', tmp_path)
+    for state in result['state']:
+        assert state['history_bytes'] > 0
+        assert state['authors_approach_bytes'] > state['history_bytes']
+    for peaks in result['step_peak'].values():
+        assert peaks['bn']['step_peak_bytes'] > 0
+        assert peaks['cbn_exact']['total_peak_bytes / bn'] > 0
+
+
+def test_profile_quick(tmp_path: Path) -> None:
+    result = run_script('profile_cbn', tmp_path)
+    for shape in result['shapes'].values():
+        phases = shape['cbn']['phases_ms']
+        assert {'conv_forward', 'norm_forward', 'backward'} <= set(phases)
+        assert any(path.endswith('grad_nu_wrt_weight') for path in phases)
+        assert shape['bn']['step_ms'] > 0
+
+
+def test_detector_step_quick(tmp_path: Path) -> None:
+    pytest.importorskip('mmdet')
+    result = run_script('detector_step', tmp_path)
+    assert result['cbn_layers'] > 0
+    assert set(result['timings']) == {'bn', 'cbn_exact', 'cbn_sampled', 'cbn_burnin'}
+    assert set(result['ratios']) == {'cbn_exact / bn', 'cbn_sampled / bn', 'cbn_burnin / bn'}
+
+
+def test_autograd_baseline_computes_the_same_cbn() -> None:
+    """The benchmark's authors'-style baseline does the same math as the package's layer."""
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        from layer_speed import AutogradCBN
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+    from mmdet_cbn import CrossIterationBatchNorm2d, pair_cbn_layers
+
+    conv = nn.Conv2d(4, 6, 3, padding=1, bias=False).double()
+    model = nn.Sequential(copy.deepcopy(conv),
+                          CrossIterationBatchNorm2d(6, window_size=3).double())
+    pair_cbn_layers(model)
+    baseline = AutogradCBN(copy.deepcopy(conv), window=3).double()
+    pairs = [(model[0].weight, baseline.conv.weight), (model[1].weight, baseline.weight),
+             (model[1].bias, baseline.bias)]
+    for _ in range(5):
+        x = torch.randn(2, 4, 5, 5, dtype=torch.float64)
+        out, ref = model(x), baseline(x)
+        torch.testing.assert_close(out, ref)
+        grad = torch.randn_like(out)
+        out.backward(grad)
+        ref.backward(grad)
+        with torch.no_grad():
+            for p, q in pairs:
+                torch.testing.assert_close(p.grad, q.grad)
+                p -= 0.1 * p.grad
+                q -= 0.1 * q.grad
+                p.grad = q.grad = None
