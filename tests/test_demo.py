@@ -1,0 +1,63 @@
+"""Smoke runs of the two evidence scripts: ``tools/demo.py --quick`` and
+``benchmarks/small_batch.py --quick``, each in a subprocess, checking what they print and write.
+"""
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+PNG_MAGIC = b'\x89PNG\r\n\x1a\n'
+
+
+def _run(args: list[str], timeout: float) -> str:
+    proc = subprocess.run([sys.executable, *args], cwd=REPO, capture_output=True, text=True,
+                          timeout=timeout)
+    assert proc.returncode == 0, f'{args} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}'
+    return proc.stdout + proc.stderr
+
+
+def _is_png(path: Path) -> bool:
+    return path.is_file() and path.read_bytes()[:8] == PNG_MAGIC
+
+
+def test_demo_quick(tmp_path: Path) -> None:
+    out = _run(['tools/demo.py', '--quick', '--work-dir', str(tmp_path)], timeout=600)
+    assert '| head BN |' in out and '| head CBN |' in out
+    assert 'Epoch(train)' in out  # mmengine's progress output is shown
+    assert 'CBN window 8' in out  # the burn-in hook switched to the full window
+
+    results = json.loads((tmp_path / 'demo_results.json').read_text())
+    assert results['quick'] is True
+    assert set(results['results']) == {'bn', 'cbn'}
+    for res in results['results'].values():
+        assert set(res['final']) == {'bbox_mAP', 'bbox_mAP_50', 'bbox_mAP_75', 'segm_mAP',
+                                     'segm_mAP_50', 'segm_mAP_75'}
+        for value in res['final'].values():
+            assert math.isfinite(value) and 0.0 <= value <= 1.0
+        assert res['time_per_iter_s'] > 0 and res['iterations'] == 8
+        assert res['loss_curve'] and all(math.isfinite(loss) for _, loss in res['loss_curve'])
+    assert _is_png(tmp_path / 'demo_results.png')
+    assert (tmp_path / 'data' / 'annotations' / 'val.json').is_file()
+
+
+def test_small_batch_quick(tmp_path: Path) -> None:
+    out = _run(['benchmarks/small_batch.py', '--quick', '--out-dir', str(tmp_path)], timeout=300)
+    assert '| norm | 16 img/batch | 2 img/batch |' in out
+    for label in ('| BN |', '| GN |', '| Naive CBN |', '| CBN |'):
+        assert label in out
+
+    results = json.loads((tmp_path / 'small_batch.json').read_text())
+    assert set(results) >= {'setting', 'summary', 'runs', 'table', 'windows', 'environment'}
+    assert results['windows'] == {'16': 1, '2': 8}
+    assert len(results['runs']) == 8
+    for norm, row in results['summary'].items():
+        for batch, cell in row.items():
+            assert 0.0 <= cell['mean'] <= 100.0 and cell['runs'] == 1, (norm, batch)
+    # At 16 images per batch the CBN window is 1: CBN and Naive CBN are exactly BN.
+    acc16 = {r['norm']: r['test_accuracy'] for r in results['runs'] if r['batch'] == 16}
+    assert acc16['cbn'] == acc16['bn'] == acc16['naive_cbn']
+    assert _is_png(tmp_path / 'small_batch.png')
