@@ -262,10 +262,6 @@ class CrossIterationBatchNorm2d(_BatchNorm):
         else:
             self.history = None
 
-    def reset_history(self) -> None:
-        """Forget the statistics of past iterations."""
-        self.history = None
-
     # ------------------------------------------------------------------ forward
     def _take_conv_io(self, y: Tensor) -> tuple[Tensor, Tensor] | None:
         io, self._conv_io = self._conv_io, None

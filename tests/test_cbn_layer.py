@@ -202,3 +202,24 @@ def test_wrong_pairing_is_detected_at_run_time():
     pair_cbn_layers(model)  # statically plausible: conv registered before norm, 4 channels
     with pytest.raises(RuntimeError, match="'norm'"):
         model(torch.randn(2, 4, 3, 3))
+
+
+@pytest.mark.parametrize('new_window', [2, 5])
+def test_changing_the_window_keeps_the_newest_records(new_window):
+    model = conv_cbn(window_size=3)
+    conv, cbn = model
+    kwargs = dict(stride=1, padding=1, dilation=1, groups=1)
+    past = []
+    for _ in range(4):
+        x = torch.randn(2, 4, 5, 5, dtype=torch.float64)
+        model(x)
+        past.append((x, conv.weight.detach().clone(), None))
+        with torch.no_grad():
+            conv.weight.add_(0.01 * torch.randn_like(conv.weight))
+    cbn.set_window(new_window)
+    x = torch.randn(2, 4, 5, 5, dtype=torch.float64)
+    kept = past[-min(new_window - 1, 2):]  # window 3 held the last 2 iterations
+    expected = literal_cbn(conv(x).detach(), kept, conv.weight.detach().clone(), None, kwargs,
+                           cbn.weight.detach(), cbn.bias.detach(), cbn.eps)
+    torch.testing.assert_close(model(x).detach(), expected, rtol=1e-9, atol=1e-9)
+    assert cbn.history.slots == new_window - 1
