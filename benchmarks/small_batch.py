@@ -332,7 +332,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print(f'{len(jobs)} runs ({len(args.norms)} norms x {len(args.batch_sizes)} batch sizes x '
           f'{args.seeds} seeds), {args.epochs} epochs of {args.train_size} images, '
           f'{args.jobs} parallel', flush=True)
-    load_at_start = list(os.getloadavg())
+    env = environment(torch.device('cpu'))  # at the start: the sources that are measured
     start = time.perf_counter()
     results = []
     context = multiprocessing.get_context('fork')
@@ -354,10 +354,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     payload = dict(setting=asdict(setting), batch_sizes=args.batch_sizes, norms=args.norms,
                    seeds=args.seeds, windows={str(b): window_for(b) for b in args.batch_sizes},
                    summary=summary, table=table, runs=results, wall_time_s=wall,
-                   environment=environment(torch.device('cpu')))
-    payload['environment'].update(jobs=args.jobs, worker_torch_threads=1,
-                                  loadavg_at_start=load_at_start,
-                                  loadavg_at_end=list(os.getloadavg()))
+                   environment=dict(env, jobs=args.jobs, worker_torch_threads=1,
+                                    loadavg_at_end=list(os.getloadavg())))
     (args.out_dir / 'small_batch.json').write_text(json.dumps(payload, indent=2) + '\n')
     plot(summary, args.batch_sizes, args.out_dir / 'small_batch.png')
     print(f'wrote {args.out_dir / "small_batch.json"} and {args.out_dir / "small_batch.png"}')

@@ -19,6 +19,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import subprocess
@@ -65,6 +66,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.work_dir is None:
         args.work_dir = REPO / ('work_dirs/demo_quick' if args.quick else 'work_dirs/demo')
     return args
+
+
+def source_digest() -> str:
+    """Short SHA-256 of the ``mmdet_cbn/*.py`` sources: which version of the layer was run."""
+    digest = hashlib.sha256()
+    for path in sorted((REPO / 'mmdet_cbn').glob('*.py')):
+        digest.update(path.read_bytes())
+    return digest.hexdigest()[:12]
 
 
 def make_data(root: Path, num_train: int, num_val: int) -> dict[str, Any]:
@@ -243,6 +252,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     os.chdir(REPO)
     start = time.perf_counter()
     load_before = list(os.getloadavg())
+    sources = source_digest()
     data_root = args.work_dir / 'data'
     data = make_data(data_root, args.num_train, args.num_val)
     results = {}
@@ -260,7 +270,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
           f'(total {total / 60:.1f} min)\n{table}')
     payload = dict(quick=args.quick, seed=args.seed, data=data, configs={
         k: str(v.relative_to(REPO)) for k, v in CONFIGS.items()}, results=results, table=table,
-        total_wall_time_s=total, loadavg_1_5_15_before=load_before,
+        total_wall_time_s=total, mmdet_cbn_source_sha256=sources,
+        loadavg_1_5_15_before=load_before,
         loadavg_1_5_15_after=list(os.getloadavg()), cpu_count=os.cpu_count())
     json_path = args.work_dir / 'demo_results.json'
     json_path.write_text(json.dumps(payload, indent=2) + '\n')
