@@ -66,12 +66,16 @@ class History:
     @torch.no_grad()
     def push(self, xbar: Tensor | None, grad_nu: Tensor | None, stats: Tensor, count: int,
              valid: Tensor) -> None:
-        """Overwrite the oldest slot with the current iteration's record (no host sync)."""
+        """Overwrite the oldest slot with the current iteration's record (no host sync).
+
+        An invalid record is stored as zeros, so that it adds nothing, not even NaN times zero,
+        to a gradient through the compensation.
+        """
         i = self.cursor
         if xbar is not None:
-            self.xbar[i].copy_(xbar)
-            self.grad_nu[i].copy_(grad_nu)
-        self.stats[i].copy_(stats)
+            self.xbar[i].copy_(torch.where(valid, xbar, 0))
+            self.grad_nu[i].copy_(torch.where(valid, grad_nu, 0))
+        self.stats[i].copy_(torch.where(valid, stats, 0))
         self.count[i] = count
         self.valid[i] = valid
         self.cursor = (i + 1) % self.slots
@@ -122,8 +126,9 @@ class CrossIterationBatchNorm2d(_BatchNorm):
     In training the statistics of the current batch are aggregated with those of the previous
     ``window_size - 1`` iterations, each moved to the current weights of the preceding conv by
     a first-order Taylor step (Eq. 7-10), then used as BatchNorm's (Eq. 11). Gradients flow only
-    through the current iteration. With a window of 1 (and during burn-in) it *is*
-    ``BatchNorm2d``; in eval mode it normalizes with the running statistics, exactly as BN.
+    through the current iteration (with ``backprop_past_stats=True`` also through the
+    compensation). With a window of 1 (and during burn-in) it *is* ``BatchNorm2d``; in eval
+    mode it normalizes with the running statistics, exactly as BN.
 
     The layer needs the conv that produces its input: :func:`mmdet_cbn.pair_cbn_layers` (called
     by :class:`mmdet_cbn.CBNBurnInHook` and :func:`mmdet_cbn.convert_cbn`) finds it.
@@ -140,6 +145,14 @@ class CrossIterationBatchNorm2d(_BatchNorm):
         compensation: ``'taylor'`` (CBN) or ``'none'`` (the paper's Naive CBN).
         burnin_iters: training iterations with window 1 before the full window is used; ignored
             while a hook sets the window (:meth:`set_window`).
+        backprop_past_stats: also back-propagate through the compensated past statistics, i.e.
+            through their dependence on the current conv weight ``W(t)`` (Eq. 7, 8: ``mu_hat =
+            W(t) . Xbar + b(t)``, ``d nu_hat / d W(t) = G``). The paper and the authors' code
+            treat them as constants (default ``False``); then directions of ``W`` that the
+            compensated forward ignores (e.g. a shift of a channel's mean) still get gradient,
+            and at a high learning rate the conv output can drift away from the running
+            statistics that eval mode uses. ``True`` gives the exact gradient of the forward
+            (past inputs fixed) at the cost of one small batched product per layer.
         grad_nu_stride: ``s > 1`` estimates ``d nu / d W`` from ``1 / s^2`` of the examples
             with a random offset per iteration (unbiased, ``s^2`` times cheaper): every
             ``s^2``-th image or RoI when there are at least ``4 s^2`` of them (RoI heads), else
@@ -149,7 +162,7 @@ class CrossIterationBatchNorm2d(_BatchNorm):
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1,
                  affine: bool = True, track_running_stats: bool = True, window_size: int = 4,
                  compensation: str = 'taylor', burnin_iters: int = 0, grad_nu_stride: int = 1,
-                 device=None, dtype=None, **unknown) -> None:
+                 backprop_past_stats: bool = False, device=None, dtype=None, **unknown) -> None:
         if unknown:
             raise TypeError(_unknown_arguments_message(unknown))
         super().__init__(num_features, eps, momentum, affine, track_running_stats, device,
@@ -169,6 +182,7 @@ class CrossIterationBatchNorm2d(_BatchNorm):
         self.compensation = compensation
         self.burnin_iters = burnin_iters
         self.grad_nu_stride = grad_nu_stride
+        self.backprop_past_stats = bool(backprop_past_stats)
         self.window_override: int | None = None
         self.steps = 0
         self.history: History | None = None
@@ -181,7 +195,8 @@ class CrossIterationBatchNorm2d(_BatchNorm):
     def extra_repr(self) -> str:
         return (f'{super().extra_repr()}, window_size={self.window_size}, '
                 f'compensation={self.compensation!r}, burnin_iters={self.burnin_iters}'
-                + (f', grad_nu_stride={self.grad_nu_stride}' if self.grad_nu_stride > 1 else ''))
+                + (f', grad_nu_stride={self.grad_nu_stride}' if self.grad_nu_stride > 1 else '')
+                + (', backprop_past_stats=True' if self.backprop_past_stats else ''))
 
     def _check_input_dim(self, input: Tensor) -> None:
         if input.dim() != 4:
@@ -343,13 +358,17 @@ class CrossIterationBatchNorm2d(_BatchNorm):
                              'use a larger batch or feature map, or GroupNorm')
         weight = conv.weight.detach() if taylor else None
         conv_bias = conv.bias.detach() if taylor and conv.bias is not None else None
-        stats = history.stats
+        xbar, grad_nu, stats, valid = history.xbar, history.grad_nu, history.stats, history.valid
+        live = taylor and self.backprop_past_stats and history.written > 0
+        if live:  # autograd keeps them for the backward; this step's record overwrites a slot
+            xbar, grad_nu, stats, valid = (t.clone() for t in (xbar, grad_nu, stats, valid))
         if taylor:
-            mu_hat, nu_hat = compensate(weight, conv_bias, history.xbar, history.grad_nu,
+            mu_hat, nu_hat = compensate(conv.weight if live else weight,
+                                        conv.bias if live else conv_bias, xbar, grad_nu,
                                         stats[:, 1], stats[:, 0], stats[:, 2], stats[:, 3])
         else:
             mu_hat, nu_hat = stats[:, 0], stats[:, 1]
-        past_mu, past_nu, k = past_sums(mu_hat, nu_hat, history.valid)
+        past_mu, past_nu, k = past_sums(mu_hat, nu_hat, valid)
         out, mu, nu, mu_bar, var_bar = window_normalize(
             y, self.weight, self.bias, past_mu, past_nu, k, self.eps)
         finite = torch.isfinite(mu).all() & torch.isfinite(nu).all()

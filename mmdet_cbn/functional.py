@@ -180,10 +180,16 @@ def _channel_sums(y: Tensor) -> tuple[Tensor, Tensor]:
 class _WindowNormalize(torch.autograd.Function):
     """Eq. 9-11 for the current batch with fixed past sums, forward and backward in closed form.
 
-    Built on BatchNorm's own CPU/CUDA kernels: forward = one reduction pass for the raw sums
-    plus BN's eval-mode kernel with the window statistics; backward = BN's eval-mode backward
-    (the reductions and ``g * scale``) plus the per-channel ``y * B + C`` of the moments' paths
-    (BN's eval kernel again) and one add.
+    Built on BatchNorm's own CPU/CUDA kernels. Forward: one reduction pass for the raw sums, then
+    BN's eval-mode kernel with the window statistics. Backward: BN's *training-mode* backward
+    kernel, whose input gradient ``g*A + (y - mu)*B + C`` has the right shape; fed the window
+    mean, ``inv_std / sqrt(k)`` and ``gamma * sqrt(k)``, it gives Eq. 9-11's ``A`` and ``B``
+    (the moments' paths carry weight ``1/k``) and misses ``C`` by a per-channel constant, added
+    in one pass.
+
+    The clamp of ``sigma2_bar`` at 0 only guards rounding: by Cauchy-Schwarz the aggregated
+    variance is non-negative in exact arithmetic (every aggregated ``nu >= mu^2``), so the
+    backward is that of the unclamped expression.
     """
 
     @staticmethod
@@ -192,32 +198,36 @@ class _WindowNormalize(torch.autograd.Function):
         sum_, sum_sq = _channel_sums(y)
         mu, nu = sum_ / count, sum_sq / count
         mu_bar = (mu + past_mu) / k
-        raw_var = (nu + past_nu) / k - mu_bar.square()
-        var_bar = raw_var.clamp_min(0)
+        var_bar = ((nu + past_nu) / k - mu_bar.square()).clamp_min(0)
         out = torch.nn.functional.batch_norm(y, mu_bar, var_bar, weight, bias, False, 0.0, eps)
-        ctx.save_for_backward(y, weight, mu_bar, var_bar, raw_var >= 0)
-        ctx.k, ctx.count, ctx.eps = k, count, eps
+        ctx.save_for_backward(y, weight, mu_bar, var_bar, k)
+        ctx.count, ctx.eps = count, eps
         ctx.mark_non_differentiable(mu, nu, mu_bar, var_bar)
         return out, mu, nu, mu_bar, var_bar
 
     @staticmethod
     def backward(ctx, grad_out, *unused):
-        y, weight, mu_bar, var_bar, var_positive = ctx.saved_tensors
-        grad_y, grad_w, g_sum = torch.ops.aten.native_batch_norm_backward(
-            grad_out, y, weight, mu_bar, var_bar, None, None, False, ctx.eps,
-            [True, True, True])
-        # grad_w = sum(g (y - mu_bar)) * inv_std; g_sum = sum(g)
+        y, weight, mu_bar, var_bar, k = ctx.saved_tensors
         inv_std = torch.rsqrt(var_bar + ctx.eps)
-        gamma = 1 if weight is None else weight.to(inv_std.dtype)
-        d_var = torch.where(var_positive, -0.5 * inv_std.square() * gamma * grad_w, 0)
-        d_mu_bar = -gamma * inv_std * g_sum - 2 * mu_bar * d_var
-        d_mu, d_nu = d_mu_bar / ctx.k, d_var / ctx.k
-        b = 2 * d_nu / ctx.count
-        c = d_mu / ctx.count
-        grad_y.add_(torch.nn.functional.batch_norm(  # y * b + c, BN's per-channel kernel
-            y, torch.zeros_like(b), torch.ones_like(b), b, c, False, 0.0, 0.0))
-        return (grad_y, grad_w if ctx.needs_input_grad[1] else None,
-                g_sum if ctx.needs_input_grad[2] else None, None, None, None, None)
+        gamma = torch.ones_like(inv_std) if weight is None else weight.to(inv_std.dtype)
+        k = k.to(inv_std.dtype)
+        root_k = k.sqrt()
+        # BN's training backward with batch mean m, inverse std s and weight w returns
+        # (g - sum(g)/M - (y - m) s^2 sum(g (y - m))/M) s w,  sum(g (y - m)) s,  sum(g).
+        grad_y, grad_w, g_sum = torch.ops.aten.native_batch_norm_backward(
+            grad_out, y, gamma * root_k, None, None, mu_bar, inv_std / root_k, True, ctx.eps,
+            [True, True, True])
+        # Eq. 9-11 subtract sum(g)/(k M) where the kernel subtracted sum(g)/M.
+        shift = gamma * inv_std * g_sum * ((k - 1) / (k * ctx.count))
+        grad_y.add_(shift.to(grad_y.dtype).view(1, -1, *([1] * (y.dim() - 2))))
+        grad_gamma = grad_w * root_k  # sum(g (y - mu_bar)) * inv_std
+        grad_past_mu = grad_past_nu = None
+        if ctx.needs_input_grad[3] or ctx.needs_input_grad[4]:
+            d_var = -0.5 * inv_std.square() * gamma * grad_gamma
+            grad_past_nu = d_var / k
+            grad_past_mu = (-gamma * inv_std * g_sum - 2 * mu_bar * d_var) / k
+        return (grad_y, grad_gamma if ctx.needs_input_grad[1] else None,
+                g_sum if ctx.needs_input_grad[2] else None, grad_past_mu, grad_past_nu, None, None)
 
 
 def window_normalize(y: Tensor, weight: Tensor | None, bias: Tensor | None, past_mu: Tensor,
@@ -229,7 +239,8 @@ def window_normalize(y: Tensor, weight: Tensor | None, bias: Tensor | None, past
         y: ``(N, C, H, W)`` the current conv output; gradients flow through its moments.
         weight, bias: ``(C,)`` the affine parameters, or None.
         past_mu: ``(C,)`` sum of the valid compensated past means ``mu_hat``.
-        past_nu: ``(C,)`` sum of the valid ``max(nu_hat, mu_hat^2)``.
+        past_nu: ``(C,)`` sum of the valid ``max(nu_hat, mu_hat^2)``. Both are constants in the
+            paper; if they require grad, their gradients are returned too.
         k: number of aggregated iterations, the current one included (0-d tensor).
         eps: added to the variance.
 

@@ -72,6 +72,62 @@ def test_matches_literal_reference_over_a_training_run(compensation, conv_kw):
         optimizer.step()
 
 
+@pytest.mark.parametrize('backprop_past_stats', [False, True])
+@pytest.mark.parametrize('conv_kw', [dict(bias=True, groups=2), dict(stride=2, dilation=2)])
+def test_parameter_gradients_match_the_literal_reference(backprop_past_stats, conv_kw):
+    """Conv and affine gradients equal autograd through Eq. 7-11 on stored old inputs, with the
+    compensated past statistics held constant (the paper) or as functions of ``W(t)``."""
+    window = 3
+    model = conv_cbn(window_size=window, backprop_past_stats=backprop_past_stats, **conv_kw)
+    conv, cbn = model
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    kwargs = dict(stride=conv.stride, padding=conv.padding, dilation=conv.dilation,
+                  groups=conv.groups)
+    past = []
+    for step in range(5):
+        x = torch.randn(2, 4, 7, 7, dtype=torch.float64)
+        w = conv.weight.detach().clone().requires_grad_()
+        b = None if conv.bias is None else conv.bias.detach().clone().requires_grad_()
+        gamma, beta = (p.detach().clone().requires_grad_() for p in (cbn.weight, cbn.bias))
+        y = conv._conv_forward(x, w, b)
+        w_comp, b_comp = w, b
+        if not backprop_past_stats:
+            w_comp, b_comp = w.detach(), None if b is None else b.detach()
+        expected = literal_cbn(y, past[-(window - 1):], w_comp, b_comp, kwargs, gamma, beta,
+                               cbn.eps)
+        out = model(x)
+        grad_out = torch.randn_like(out)
+        optimizer.zero_grad()
+        out.backward(grad_out)
+        params = [w, gamma, beta] + ([] if b is None else [b])
+        ref_grads = torch.autograd.grad(expected, params, grad_out)
+        got = [conv.weight.grad, cbn.weight.grad, cbn.bias.grad] + (
+            [] if b is None else [conv.bias.grad])
+        torch.testing.assert_close(got, list(ref_grads), rtol=1e-9, atol=1e-9)
+        past.append((x, w.detach().clone(), None if b is None else b.detach().clone()))
+        optimizer.step()
+
+
+def test_backprop_past_stats_makes_a_mean_shift_gradient_free_as_in_bn():
+    """A conv bias shifts the current and the compensated past means alike, so the forward
+    hardly depends on it, as BN's does not at all. With the paper's constant past statistics
+    the bias still gets a full-size gradient, which makes the conv output drift; with
+    ``backprop_past_stats`` only the Taylor residual of the variance is left."""
+    grads = {}
+    for flag in (False, True):
+        model = conv_cbn(window_size=4, bias=True, backprop_past_stats=flag)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        torch.manual_seed(1)
+        for step in range(4):
+            optimizer.zero_grad()
+            out = model(torch.randn(2, 4, 6, 6, dtype=torch.float64))
+            (out * torch.randn_like(out)).sum().backward()
+            optimizer.step()
+        grads[flag] = model[0].bias.grad.abs().max().item()
+    assert grads[False] > 1.0
+    assert grads[True] < 0.03 * grads[False]
+
+
 def test_gradients_flow_only_through_the_current_iteration_gradcheck():
     model = conv_cbn(window_size=3, bias=True)
     for _ in range(2):  # fill the history
