@@ -2,10 +2,11 @@
 
 1. Writes the handwritten-digits COCO dataset (:func:`mmdet_cbn.datasets.make_digits_coco`,
    deterministic: seed 0) under ``<work-dir>/data``.
-2. Trains the demo Mask R-CNN (``configs/demo/``: half-width ResNet-18 from scratch with BN,
-   FPN, 4conv1fc box head, 4-conv mask head, 128 px images, 2 images per batch) twice with the
-   same seed and schedule: BN in the neck and RoI heads, then CBN there (window 8, so window x
-   batch = 16, after a burn-in at window 1 driven by ``CBNBurnInHook``). Each training runs
+2. Trains the demo Mask R-CNN (``configs/demo/``: half-width ResNet-18 from scratch with GN,
+   FPN, 4conv1fc box head, 4-conv mask head, 128 px images, 2 images per batch) three times
+   with the same seed and schedule: BN in the neck and RoI heads; CBN there (window 8, so
+   window x batch = 16, after a burn-in at window 1 driven by ``CBNBurnInHook``) with the
+   paper's gradient; and the same CBN with ``backprop_past_stats=True``. Each training runs
    ``tools/train.py`` in a subprocess, so mmengine's progress output shows as usual.
 3. Reads each run's scalars (loss, time per iteration, ``CocoMetric`` bbox/segm mAP on the
    val split after the epochs that are validated), prints a table, and writes
@@ -33,8 +34,9 @@ REPO = Path(__file__).resolve().parents[1]
 CONFIGS = {
     'bn': REPO / 'configs/demo/mask-rcnn_r18_fpn_4conv1fc-bn-head_digits.py',
     'cbn': REPO / 'configs/demo/mask-rcnn_r18_fpn_4conv1fc-cbn-head_digits.py',
+    'cbn_bp': REPO / 'configs/demo/mask-rcnn_r18_fpn_4conv1fc-cbn-head-backprop-past_digits.py',
 }
-LABELS = {'bn': 'head BN', 'cbn': 'head CBN'}
+LABELS = {'bn': 'head BN', 'cbn': 'head CBN', 'cbn_bp': 'head CBN, backprop_past_stats'}
 METRICS = ('bbox_mAP', 'bbox_mAP_50', 'bbox_mAP_75', 'segm_mAP', 'segm_mAP_50', 'segm_mAP_75')
 # Iterations left out of the time per iteration (start-up, allocator warm-up).
 WARMUP_ITERS = 5
@@ -55,8 +57,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="training epochs (default: the configs')")
     parser.add_argument('--seed', type=int, default=0, help='training seed (data: always 0)')
     parser.add_argument('--sequential', action='store_true',
-                        help='train BN then CBN with default torch threads (default: both at '
-                             'once, one thread each)')
+                        help='train the variants one after the other with default torch '
+                             'threads (default: all at once, one thread each)')
     args = parser.parse_args(argv)
     defaults = dict(num_train=16, num_val=8, epochs=1) if args.quick else dict(
         num_train=400, num_val=100, epochs=None)
@@ -110,7 +112,7 @@ def write_config(variant: str, args: argparse.Namespace, data_root: Path,
         for scheduler in cfg.param_scheduler:
             if scheduler.type == 'LinearLR':
                 scheduler.end = 4
-        if variant == 'cbn':
+        if variant.startswith('cbn'):
             cfg.custom_hooks = [dict(type='CBNBurnInHook', burnin_iters=2)]
         # Keep every detection, so that CocoMetric has results to score after 8 iterations.
         cfg.model.test_cfg.rcnn.score_thr = 0.0
@@ -214,7 +216,7 @@ def format_table(results: dict[str, dict[str, Any]]) -> str:
 
 
 def plot(results: dict[str, dict[str, Any]], path: Path) -> None:
-    """Training loss (per logged iteration) and val mAP (per validated epoch) of both runs."""
+    """Training loss (per logged iteration) and val mAP (per validated epoch) of every run."""
     import matplotlib
 
     matplotlib.use('Agg')
@@ -247,7 +249,7 @@ def plot(results: dict[str, dict[str, Any]], path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    """Generate data, train and evaluate both variants, report."""
+    """Generate data, train and evaluate every variant, report."""
     args = parse_args(argv)
     os.chdir(REPO)
     start = time.perf_counter()
