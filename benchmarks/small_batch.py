@@ -9,7 +9,8 @@ test ones are fixed). The last stage works on 2x2 maps, so at one image per batc
 values per channel there.
 
 Normalizers: ``bn`` (BatchNorm2d), ``gn`` (GroupNorm, 8 groups), ``naive_cbn`` (CBN without
-compensation, the paper's ablation) and ``cbn`` (CBN with the Taylor compensation). CBN layers
+compensation, the paper's ablation), ``cbn`` (CBN with the Taylor compensation) and ``cbn_bp``
+(the same with ``backprop_past_stats=True``). CBN layers
 come from :func:`mmdet_cbn.convert_cbn` on the BN model. Each run trains for the same number of
 epochs whatever the batch size, with the learning rate linear in the batch size (``lr`` for 16
 images), as in the paper; the CBN window is ``ceil(16 / batch)`` (window x batch >= 16, so at
@@ -43,8 +44,9 @@ from torch import Tensor, nn
 
 from mmdet_cbn import convert_cbn
 
-NORMS = ('bn', 'gn', 'naive_cbn', 'cbn')
-LABELS = {'bn': 'BN', 'gn': 'GN', 'naive_cbn': 'Naive CBN', 'cbn': 'CBN'}
+NORMS = ('bn', 'gn', 'naive_cbn', 'cbn', 'cbn_bp')
+LABELS = {'bn': 'BN', 'gn': 'GN', 'naive_cbn': 'Naive CBN', 'cbn': 'CBN',
+          'cbn_bp': 'CBN, backprop_past_stats'}
 REFERENCE_BATCH = 16  # the CBN window is chosen so that window x batch >= this
 GN_GROUPS = 8
 TEST_CORRUPTION_SEED = 12345
@@ -158,10 +160,10 @@ class SmallResNet(nn.Module):
 def build_model(norm: str, batch: int, iterations: int, burnin: float) -> nn.Module:
     """The classifier with ``norm``; CBN variants converted from BN with window ceil(16/batch)."""
     model = SmallResNet('gn' if norm == 'gn' else 'bn')
-    if norm in ('cbn', 'naive_cbn'):
+    if norm in ('cbn', 'naive_cbn', 'cbn_bp'):
         convert_cbn(model, window_size=window_for(batch),
-                    compensation='taylor' if norm == 'cbn' else 'none',
-                    burnin_iters=round(burnin * iterations))
+                    compensation='none' if norm == 'naive_cbn' else 'taylor',
+                    burnin_iters=round(burnin * iterations), backprop_past_stats=norm == 'cbn_bp')
     return model
 
 
