@@ -15,6 +15,7 @@ A step is mmengine's ``model.train_step`` (data preprocessor, forward, losses, b
 as the training loop runs it. Targets: exact <= 1.15 x BN, sampled <= 1.05 x BN.
 
 Usage: ``python benchmarks/detector_step.py --threads 2 --size 256 --out detector.json``
+(``--size 800x1088`` for the paper's COCO input size)
 (``--quick`` for a small smoke run).
 """
 from __future__ import annotations
@@ -62,12 +63,18 @@ def build_detector(config: Path, seed: int, device: torch.device,
     return MODELS.build(cfg.model).to(device).train()
 
 
-def demo_batch(size: int, images: int, boxes: int, seed: int) -> dict[str, Any]:
+def image_size(text: str) -> tuple[int, int]:
+    """``'256'`` -> (256, 256); ``'800x1088'`` -> (800, 1088) (height x width)."""
+    height, _, width = text.partition('x')
+    return int(height), int(width or height)
+
+
+def demo_batch(size: tuple[int, int], images: int, boxes: int, seed: int) -> dict[str, Any]:
     """A batch of random images with random boxes, as the data loader would hand it over."""
     from mmdet.testing import demo_mm_inputs
 
     torch.manual_seed(seed)
-    return demo_mm_inputs(batch_size=images, image_shapes=(3, size, size),
+    return demo_mm_inputs(batch_size=images, image_shapes=(3, *size),
                           num_items=[boxes] * images, num_classes=80)
 
 
@@ -105,7 +112,9 @@ def build_variants(args: argparse.Namespace, device: torch.device) -> dict[str, 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     add_common_arguments(parser, repeats=5)
-    parser.add_argument('--size', type=int, default=256, help='square image side')
+    parser.add_argument('--size', type=image_size, default=(256, 256),
+                        help="image size: '256' (square) or HxW, e.g. '800x1088' (a COCO image "
+                             "after mmdet's Resize to (1333, 800), as in the paper)")
     parser.add_argument('--images', type=int, default=2, help='images per batch')
     parser.add_argument('--boxes', type=int, default=3, help='ground-truth boxes per image')
     parser.add_argument('--rois-per-image', type=int, default=None,
@@ -121,7 +130,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                         help='smoke run: one 64x64 image, 32 RoIs, 1 warm-up step, 1 repeat')
     args = parser.parse_args(argv)
     if args.quick:
-        args.size, args.images, args.rois_per_image, args.repeats, args.warmup = 64, 1, 32, 1, 1
+        args.size, args.images, args.rois_per_image = (64, 64), 1, 32
+        args.repeats, args.warmup = 1, 1
     device = setup_torch(args)
     built = build_variants(args, device)
     timings = interleaved(built['variants'], args.repeats, device, warmup=args.warmup,
@@ -136,7 +146,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                'args': {k: str(v) for k, v in vars(args).items()},
                'configs': {k: str(v.relative_to(ROOT)) for k, v in CONFIGS.items()},
                'cbn_layers': built['cbn_layers'], 'timings': timings, 'ratios': ratios}
-    print(f'Faster R-CNN R50-FPN 4conv1fc, {args.images} x {args.size}x{args.size} images, '
+    print(f'Faster R-CNN R50-FPN 4conv1fc, {args.images} x {args.size[0]}x{args.size[1]} images, '
           f"{built['cbn_layers']} CBN layers (neck + box head)")
     for name, t in timings.items():
         print(f"  {name:<12}{t['median_s']:>8.2f} s (min {t['min_s']:.2f} s)")
