@@ -58,24 +58,42 @@ def _conv_weight_grad(x: Tensor, grad_y: Tensor, weight_shape: tuple[int, ...],
     return grad_w
 
 
+def _tap_rows(size: int, out_size: int, kernel: int, stride: int, padding: int,
+              dilation: int, like: Tensor) -> Tensor:
+    """``(kernel, size)`` 0/1 matrix: which input rows (or columns) kernel tap ``a`` reads over
+    all output positions, i.e. ``q * stride + a * dilation - padding`` inside the input."""
+    taps = torch.arange(kernel, device=like.device).unsqueeze(1) * dilation
+    rows = torch.arange(out_size, device=like.device) * stride - padding + taps
+    inside = (rows >= 0) & (rows < size)
+    out = like.new_zeros(kernel, size + 1)
+    out.scatter_(1, torch.where(inside, rows, size), 1.0)
+    return out[:, :size]
+
+
 def mean_input_patch(x: Tensor, geometry: ConvGeometry, out_hw: tuple[int, int]) -> Tensor:
     """``Xbar`` of Appendix B: the mean input patch, ``d mu_c / d W_c`` for every channel ``c``.
 
     ``Xbar[j, i, u] = 1/M sum_{n,p} x_patch(n, i, p + u)`` for the input channels of group ``j``.
-    Because the output gradient is all ones it is the same for every image, so the batch is
-    summed first and the cost is one ``(1, C_in, H, W)`` weight-gradient with one output channel
-    per group.
+    Because the output gradient is all ones it is the same for every image and separable in
+    the two spatial directions: with ``R[a, h] = 1`` when tap row ``a`` reads input row ``h``
+    for some output row (and ``S`` likewise for columns),
+    ``Xbar[i, a, b] = 1/M sum_{n,h,w} R[a, h] x[n, i, h, w] S[b, w]``: two matrix products, the
+    first one reading ``x`` once, exact for any stride, padding and dilation.
 
     Returns a tensor of shape ``(g, D)`` in the dtype of ``x`` promoted to at least float32.
     """
     g = geometry.groups
-    c_out, c_in_g, kh, kw = geometry.weight_shape
-    x_sum = x.sum(0, keepdim=True, dtype=torch.float64 if x.dtype == torch.float64
-                  else torch.float32)
-    ones = x_sum.new_ones((1, g) + tuple(out_hw))
+    _, c_in_g, kh, kw = geometry.weight_shape
+    dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    # many small maps (RoIs): sum the batch first; a few large ones (FPN levels): don't copy
+    xf = x.sum(0, keepdim=True, dtype=dtype) if x.shape[0] > 4 else x.to(dtype)
+    height, width = x.shape[2:]
+    rows = _tap_rows(height, out_hw[0], kh, geometry.stride[0], geometry.padding[0],
+                     geometry.dilation[0], xf)
+    cols = _tap_rows(width, out_hw[1], kw, geometry.stride[1], geometry.padding[1],
+                     geometry.dilation[1], xf)
+    xbar = torch.einsum('nchb,ah->cab', torch.matmul(xf, cols.t()), rows)
     m = x.shape[0] * out_hw[0] * out_hw[1]
-    xbar = _conv_weight_grad(x_sum, ones, (g, c_in_g, kh, kw), geometry.stride,
-                             geometry.padding, geometry.dilation, g)
     return xbar.reshape(g, c_in_g * kh * kw) / m
 
 
@@ -98,8 +116,16 @@ def grad_nu_wrt_weight(x: Tensor, y: Tensor, geometry: ConvGeometry, stride: int
     else:
         oh, ow = offset
         grad_y = yf[:, :, oh::stride, ow::stride]
-        xf = torch.nn.functional.pad(xf, (pw, pw, ph, ph))[:, :, oh * sh:, ow * sw:]
-        conv_stride, conv_padding = (sh * stride, sw * stride), (0, 0)
+        if geometry.weight_shape[2:] == (1, 1) and (ph, pw) == (0, 0):
+            # a 1x1 conv sees one input pixel per output position: gather those, then a
+            # stride-1 weight gradient (oneDNN's strided one is slower than the exact G here)
+            hs, ws = grad_y.shape[2:]
+            xf = xf[:, :, oh * sh::stride * sh, ow * sw::stride * sw][:, :, :hs, :ws].contiguous()
+            conv_stride = (1, 1)
+        else:
+            xf = torch.nn.functional.pad(xf, (pw, pw, ph, ph))[:, :, oh * sh:, ow * sw:]
+            conv_stride = (sh * stride, sw * stride)
+        conv_padding = (0, 0)
     m = grad_y.shape[0] * grad_y.shape[2] * grad_y.shape[3]
     grad_w = _conv_weight_grad(xf, grad_y.contiguous(), geometry.weight_shape, conv_stride,
                                conv_padding, geometry.dilation, geometry.groups)

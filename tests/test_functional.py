@@ -13,16 +13,17 @@ CONVS = {
     'dilated': dict(in_channels=4, out_channels=6, kernel_size=3, padding=2, dilation=2),
     'grouped': dict(in_channels=4, out_channels=6, kernel_size=3, padding=1, groups=2),
     'biased_1x1': dict(in_channels=4, out_channels=6, kernel_size=1, bias=True),
+    'strided_grouped_1x1': dict(in_channels=4, out_channels=6, kernel_size=1, stride=2, groups=2),
     'rect_strided_grouped': dict(in_channels=6, out_channels=9, kernel_size=(3, 1),
                                  stride=(2, 1), padding=(1, 0), groups=3, bias=True),
 }
 
 
-def make(name, seed=0):
+def make(name, seed=0, batch=3):
     torch.manual_seed(seed)
     kwargs = dict(bias=False, **CONVS[name]) if 'bias' not in CONVS[name] else CONVS[name]
     conv = nn.Conv2d(**kwargs).double()
-    x = torch.randn(3, conv.in_channels, 11, 10, dtype=torch.float64)
+    x = torch.randn(batch, conv.in_channels, 11, 10, dtype=torch.float64)
     return conv, x
 
 
@@ -43,9 +44,10 @@ def history_of(conv, x):
     return (xbar[None], grad_nu[None], nu[None], mu[None], s[None], bias[None])
 
 
+@pytest.mark.parametrize('batch', [3, 6])  # Xbar sums the batch first above 4 images
 @pytest.mark.parametrize('name', list(CONVS))
-def test_closed_form_gradients_match_autograd(name):
-    conv, x = make(name)
+def test_closed_form_gradients_match_autograd(name, batch):
+    conv, x = make(name, batch=batch)
     geometry = ConvGeometry.of(conv)
     y = conv(x).detach()
     _, _, (dmu, dnu) = stats_and_grads(x, conv.weight, conv.bias, conv_kwargs(conv))
@@ -83,12 +85,13 @@ def test_compensated_mean_is_exact_and_variance_error_is_second_order(name):
         torch.testing.assert_close(nu_hat[0], ref_nu, rtol=1e-10, atol=1e-12)
 
 
-def test_sampled_grad_nu_is_unbiased_over_offsets():
-    conv, x = make('strided')
+@pytest.mark.parametrize('s', [2, 3])
+@pytest.mark.parametrize('name', ['strided', 'biased_1x1', 'strided_grouped_1x1'])
+def test_sampled_grad_nu_is_unbiased_over_offsets(name, s):
+    conv, x = make(name)
     geometry = ConvGeometry.of(conv)
     y = conv(x).detach()
     exact = grad_nu_wrt_weight(x, y, geometry)
-    s = 2
     sampled = [grad_nu_wrt_weight(x, y, geometry, s, (i, j)) for i in range(s) for j in range(s)]
     # every output position is in exactly one offset grid; equal grid sizes -> exact average
     h, w = y.shape[2:]
