@@ -123,7 +123,8 @@ def grad_nu_wrt_weight(x: Tensor, y: Tensor, geometry: ConvGeometry, stride: int
             xf = xf[:, :, oh * sh::stride * sh, ow * sw::stride * sw][:, :, :hs, :ws].contiguous()
             conv_stride = (1, 1)
         else:
-            xf = torch.nn.functional.pad(xf, (pw, pw, ph, ph))[:, :, oh * sh:, ow * sw:]
+            # zero padding, less what the offset skips (negative: a crop), in one copy
+            xf = torch.nn.functional.pad(xf, (pw - ow * sw, pw, ph - oh * sh, ph))
             conv_stride = (sh * stride, sw * stride)
         conv_padding = (0, 0)
     m = grad_y.shape[0] * grad_y.shape[2] * grad_y.shape[3]
