@@ -7,12 +7,12 @@ output gradient, the input gradient computed as inside a network, a plain SGD up
 - ``bn_floor``: ``bn`` plus one bare weight-gradient convolution of the same shape (the cost of
   ``G = d nu / d W``, the floor of any Taylor-compensated CBN);
 - ``cbn_exact``: conv + ``CrossIterationBatchNorm2d`` (window 4, history full);
-- ``cbn_sampled``: the same with ``grad_nu_stride=2``;
+- ``cbn_sampled``: the same with ``grad_nu_stride=2`` (``--grad-nu-stride``);
 - ``cbn_burnin``: CBN with window 1 (the burn-in period);
 - ``autograd_cbn``: the same math done the authors' way (:class:`AutogradCBN`);
 - ``bn_eval`` / ``cbn_eval``: inference, forward only, running statistics.
 
-Also measures how far the statistics compensated with the sampled ``G`` (``grad_nu_stride=2``)
+Also measures how far the statistics compensated with the sampled ``G`` (``grad_nu_stride``)
 are from those with the exact ``G``, after a few SGD steps, next to the error of the Taylor
 step itself and the batch-to-batch noise of the statistics.
 
@@ -135,7 +135,7 @@ def _cbn(channels: int, device: torch.device, **kwargs: Any) -> CrossIterationBa
 
 
 def build_variants(shape: tuple[int, int, int, int], device: torch.device,
-                   seed: int) -> dict[str, Callable[[], Any]]:
+                   seed: int, stride: int = 2) -> dict[str, Callable[[], Any]]:
     """One callable per variant, each running a full step of its own conv + norm copy."""
     n, c, h, w = shape
     torch.manual_seed(seed)
@@ -181,7 +181,7 @@ def build_variants(shape: tuple[int, int, int, int], device: torch.device,
         'bn_floor': train_step(bn_floor, lambda out: weight_grad_conv(bn_floor[0], x.detach(),
                                                                       out.detach())),
         'cbn_exact': train_step(paired(_cbn(c, device))),
-        'cbn_sampled': train_step(paired(_cbn(c, device, grad_nu_stride=2))),
+        'cbn_sampled': train_step(paired(_cbn(c, device, grad_nu_stride=stride))),
         'cbn_burnin': train_step(burnin),
         'autograd_cbn': train_step(AutogradCBN(copy.deepcopy(conv), WINDOW).to(device)),
         'bn_eval': eval_step(bn_eval),
@@ -190,9 +190,9 @@ def build_variants(shape: tuple[int, int, int, int], device: torch.device,
 
 
 def measure_shape(shape: tuple[int, int, int, int], device: torch.device, repeats: int,
-                  seed: int, clock: str = 'wall') -> dict[str, Any]:
+                  seed: int, clock: str = 'wall', stride: int = 2) -> dict[str, Any]:
     """Timings (after ``WINDOW`` warm-up steps, so the CBN history is full) and ratios."""
-    variants = build_variants(shape, device, seed)
+    variants = build_variants(shape, device, seed, stride)
     timings = interleaved(variants, repeats, device, warmup=WINDOW, clock=clock)
     ratios = {}
     for name, (num, den, bound) in TARGETS.items():
@@ -229,7 +229,7 @@ def _window_variance(conv: nn.Conv2d, batches: list[tuple[Tensor, Tensor]], weig
 
 
 def sampled_error(shape: tuple[int, int, int, int], device: torch.device, steps: int,
-                  seed: int, lr: float = 0.02) -> dict[str, Any]:
+                  seed: int, lr: float = 0.02, stride: int = 2) -> dict[str, Any]:
     """Relative error of the window variance with the sampled ``G`` vs the exact ``G``.
 
     Trains conv + CBN (window 4) with SGD (momentum 0.9) for ``steps`` steps on random inputs
@@ -262,7 +262,7 @@ def sampled_error(shape: tuple[int, int, int, int], device: torch.device, steps:
     weight = conv.weight.detach().clone()
     x_now = torch.randn(shape, device=device) + offsets
     exact = _window_variance(conv, past, weight, x_now)
-    sampled = _window_variance(conv, past, weight, x_now, grad_nu_stride=2)
+    sampled = _window_variance(conv, past, weight, x_now, grad_nu_stride=stride)
     with torch.no_grad():
         ys = [conv._conv_forward(x, weight, None) for x, _ in [*past, (x_now, None)]]
     mu = torch.stack([y.mean((0, 2, 3)) for y in ys])
@@ -270,6 +270,7 @@ def sampled_error(shape: tuple[int, int, int, int], device: torch.device, steps:
     true = nu.mean(0) - mu.mean(0).square()
     return {
         'shape': list(shape),
+        'stride': stride,
         'sgd_steps': steps,
         'lr': lr,
         'relative_weight_step_last': weight_step,
@@ -294,7 +295,8 @@ def print_table(results: dict[str, Any]) -> None:
                 verdict = f"  (target <= {r['target_max']:.2f}: {'met' if r['met'] else 'NOT met'})"
             print(f"  {name:<26}{r['value']:>6.3f}{verdict}")
     for shape_name, err in results.get('sampled_error', {}).items():
-        print(f'\n== sampled G (stride 2) vs exact G, {shape_name} {tuple(err["shape"])}, '
+        print(f'\n== sampled G (stride {err["stride"]}) vs exact G, {shape_name} '
+              f'{tuple(err["shape"])}, '
               f"after {err['sgd_steps']} SGD steps (|dW|/|W| last step "
               f"{err['relative_weight_step_last']:.1e}) ==")
         for key in ('sampled_vs_exact_sigma2_bar', 'exact_vs_true_sigma2_bar',
@@ -306,6 +308,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     add_common_arguments(parser, repeats=7)
     parser.add_argument('--shapes', nargs='+', choices=sorted(SHAPES), default=['fpn', 'roi'])
+    parser.add_argument('--grad-nu-stride', type=int, default=2,
+                        help='grad_nu_stride of the cbn_sampled variant')
     parser.add_argument('--sgd-steps', type=int, default=6,
                         help='SGD steps before the sampled-vs-exact comparison')
     parser.add_argument('--quick', action='store_true',
@@ -319,10 +323,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                                'shapes': {}, 'sampled_error': {}}
     for name in args.shapes:
         results['shapes'][name] = measure_shape(SHAPES[name], device, args.repeats, args.seed,
-                                                args.clock)
+                                                args.clock, args.grad_nu_stride)
     for name in args.shapes:
         results['sampled_error'][name] = sampled_error(SHAPES[name], device, args.sgd_steps,
-                                                       args.seed)
+                                                       args.seed, stride=args.grad_nu_stride)
     print_table(results)
     write_json(args.out, results)
     return results
