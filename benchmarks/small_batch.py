@@ -10,7 +10,8 @@ values per channel there.
 
 Normalizers: ``bn`` (BatchNorm2d), ``gn`` (GroupNorm, 8 groups), ``naive_cbn`` (CBN without
 compensation, the paper's ablation), ``cbn`` (CBN with the Taylor compensation) and ``cbn_bp``
-(the same with ``backprop_past_stats=True``). CBN layers
+(the same with ``backprop_past_stats=True``); on request (``--norms``) ``cbn_sampled`` (CBN
+with ``grad_nu_stride=2``). CBN layers
 come from :func:`mmdet_cbn.convert_cbn` on the BN model. Each run trains for the same number of
 epochs whatever the batch size, with the learning rate linear in the batch size (``lr`` for 16
 images), as in the paper; the CBN window is ``ceil(16 / batch)`` (window x batch >= 16, so at
@@ -44,9 +45,10 @@ from torch import Tensor, nn
 
 from mmdet_cbn import convert_cbn
 
-NORMS = ('bn', 'gn', 'naive_cbn', 'cbn', 'cbn_bp')
+NORMS = ('bn', 'gn', 'naive_cbn', 'cbn', 'cbn_bp', 'cbn_sampled')
+DEFAULT_NORMS = NORMS[:5]
 LABELS = {'bn': 'BN', 'gn': 'GN', 'naive_cbn': 'Naive CBN', 'cbn': 'CBN',
-          'cbn_bp': 'CBN, backprop_past_stats'}
+          'cbn_bp': 'CBN, backprop_past_stats', 'cbn_sampled': 'CBN, grad_nu_stride=2'}
 REFERENCE_BATCH = 16  # the CBN window is chosen so that window x batch >= this
 GN_GROUPS = 8
 TEST_CORRUPTION_SEED = 12345
@@ -160,10 +162,11 @@ class SmallResNet(nn.Module):
 def build_model(norm: str, batch: int, iterations: int, burnin: float) -> nn.Module:
     """The classifier with ``norm``; CBN variants converted from BN with window ceil(16/batch)."""
     model = SmallResNet('gn' if norm == 'gn' else 'bn')
-    if norm in ('cbn', 'naive_cbn', 'cbn_bp'):
+    if norm in ('cbn', 'naive_cbn', 'cbn_bp', 'cbn_sampled'):
         convert_cbn(model, window_size=window_for(batch),
                     compensation='none' if norm == 'naive_cbn' else 'taylor',
-                    burnin_iters=round(burnin * iterations), backprop_past_stats=norm == 'cbn_bp')
+                    burnin_iters=round(burnin * iterations), backprop_past_stats=norm == 'cbn_bp',
+                    grad_nu_stride=2 if norm == 'cbn_sampled' else 1)
     return model
 
 
@@ -282,7 +285,8 @@ def plot(summary: dict[str, dict[str, dict[str, float]]], batches: list[int],
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Command line; ``--quick`` replaces the defaults by a smoke-test size."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument('--norms', nargs='+', choices=NORMS, default=list(NORMS))
+    parser.add_argument('--norms', nargs='+', choices=NORMS, default=list(DEFAULT_NORMS),
+                        help=f"default: {' '.join(DEFAULT_NORMS)}")
     parser.add_argument('--batch-sizes', nargs='+', type=int, default=[16, 8, 4, 2, 1])
     parser.add_argument('--seeds', type=int, default=3, help='seeds 0..N-1 per cell')
     parser.add_argument('--epochs', type=int, default=30)
