@@ -152,7 +152,9 @@ class CrossIterationBatchNorm2d(_BatchNorm):
             compensated forward ignores (e.g. a shift of a channel's mean) still get gradient,
             and at a high learning rate the conv output can drift away from the running
             statistics that eval mode uses. ``True`` gives the exact gradient of the forward
-            (past inputs fixed) at the cost of one small batched product per layer.
+            (past inputs fixed) at the cost of one small batched product per layer and a copy
+            of the history per step. Without compensation (Naive CBN) there is nothing to
+            differentiate and it has no effect.
         grad_nu_stride: ``s > 1`` estimates ``d nu / d W`` from ``1 / s^2`` of the examples
             with a random offset per iteration (unbiased, ``s^2`` times cheaper): every
             ``s^2``-th image or RoI when there are at least ``4 s^2`` of them (RoI heads), else
