@@ -66,16 +66,12 @@ class History:
     @torch.no_grad()
     def push(self, xbar: Tensor | None, grad_nu: Tensor | None, stats: Tensor, count: int,
              valid: Tensor) -> None:
-        """Overwrite the oldest slot with the current iteration's record (no host sync).
-
-        An invalid record is stored as zeros, so that it adds nothing, not even NaN times zero,
-        to a gradient through the compensation.
-        """
+        """Overwrite the oldest slot with the current iteration's record (no host sync)."""
         i = self.cursor
         if xbar is not None:
-            self.xbar[i].copy_(torch.where(valid, xbar, 0))
-            self.grad_nu[i].copy_(torch.where(valid, grad_nu, 0))
-        self.stats[i].copy_(torch.where(valid, stats, 0))
+            self.xbar[i].copy_(xbar)
+            self.grad_nu[i].copy_(grad_nu)
+        self.stats[i].copy_(stats)
         self.count[i] = count
         self.valid[i] = valid
         self.cursor = (i + 1) % self.slots
@@ -361,12 +357,16 @@ class CrossIterationBatchNorm2d(_BatchNorm):
         weight = conv.weight.detach() if taylor else None
         conv_bias = conv.bias.detach() if taylor and conv.bias is not None else None
         xbar, grad_nu, stats, valid = history.xbar, history.grad_nu, history.stats, history.valid
-        live = taylor and self.backprop_past_stats and history.written > 0
-        if live:  # autograd keeps them for the backward; this step's record overwrites a slot
-            xbar, grad_nu, stats, valid = (t.clone() for t in (xbar, grad_nu, stats, valid))
+        live_weight, live_bias = weight, conv_bias  # detached: the paper's constant past stats
+        if taylor and self.backprop_past_stats and history.written > 0:
+            # Copies, as autograd keeps them and this step's record overwrites a slot; invalid
+            # (non-finite) records are zeroed, so that no NaN * 0 reaches the weight gradient.
+            keep = valid.view(-1, 1, 1)
+            xbar, grad_nu, stats = (torch.where(keep, t, 0) for t in (xbar, grad_nu, stats))
+            valid = valid.clone()
+            live_weight, live_bias = conv.weight, conv.bias
         if taylor:
-            mu_hat, nu_hat = compensate(conv.weight if live else weight,
-                                        conv.bias if live else conv_bias, xbar, grad_nu,
+            mu_hat, nu_hat = compensate(live_weight, live_bias, xbar, grad_nu,
                                         stats[:, 1], stats[:, 0], stats[:, 2], stats[:, 3])
         else:
             mu_hat, nu_hat = stats[:, 0], stats[:, 1]

@@ -169,6 +169,22 @@ def test_non_finite_batch_stays_out_of_history_and_running_stats(caplog):
             conv.weight.add_(0.01 * torch.randn_like(conv.weight))
 
 
+def test_non_finite_record_leaves_gradients_through_the_compensation_finite():
+    """With ``backprop_past_stats`` a NaN record in the history stays out of the weight
+    gradient (no NaN * 0) while it is in the window."""
+    model = paired(window=3)
+    model[1].backprop_past_stats = True
+    for step in range(4):
+        x = torch.randn(2, 4, 6, 6, dtype=torch.float64)
+        if step == 1:
+            x[0, 0, 0, 0] = float('nan')
+        model.zero_grad()
+        out = model(x)
+        (out * torch.randn_like(out)).sum().backward()
+        if step > 1:
+            assert torch.isfinite(out).all() and torch.isfinite(model[0].weight.grad).all()
+
+
 def test_zero_variance_channel_and_single_value_batches():
     model = paired(window=2)
     with torch.no_grad():
