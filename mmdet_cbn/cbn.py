@@ -13,7 +13,7 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from .functional import (ConvGeometry, compensate, grad_nu_wrt_weight, mean_input_patch,
-                         past_sums, window_normalize)
+                         past_sums, stat_dtype, window_normalize)
 
 COMPENSATIONS = ('taylor', 'none')
 
@@ -343,13 +343,12 @@ class CrossIterationBatchNorm2d(_BatchNorm):
     def _cross_iteration_forward(self, y: Tensor, conv_io: tuple[Tensor, Tensor] | None,
                                  window: int) -> Tensor:
         count = y.numel() // self.num_features
-        stat_dtype = torch.float64 if y.dtype == torch.float64 else torch.float32
         taylor = self.compensation == 'taylor'
         conv = self._conv
         geometry = ConvGeometry.of(conv) if taylor else None
         groups = geometry.groups if taylor else 1
         depth = math.prod(geometry.weight_shape[1:]) if taylor else 0
-        history = self._history_for(window, groups, depth, y.device, stat_dtype)
+        history = self._history_for(window, groups, depth, y.device, stat_dtype(y))
         if count == 1 and history.written == 0:
             raise ValueError(f'{self.layer_name}: expected more than 1 value per channel when '
                              f'training with no past statistics yet (input {tuple(y.shape)}); '

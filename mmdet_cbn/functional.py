@@ -16,7 +16,7 @@ from torch import Tensor
 
 __all__ = [
     'ConvGeometry', 'mean_input_patch', 'grad_nu_wrt_weight', 'compensate', 'past_sums',
-    'window_normalize',
+    'window_normalize', 'stat_dtype',
 ]
 
 
@@ -45,6 +45,11 @@ class ConvGeometry:
             raise ValueError(f"padding_mode={conv.padding_mode!r} is not supported, only 'zeros'")
         return cls(tuple(conv.weight.shape), tuple(conv.stride), tuple(padding),
                    tuple(conv.dilation), conv.groups)
+
+
+def stat_dtype(t: Tensor) -> torch.dtype:
+    """The dtype statistics are kept in: float64 for float64 tensors, else float32."""
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
 def _conv_weight_grad(x: Tensor, grad_y: Tensor, weight_shape: tuple[int, ...],
@@ -84,7 +89,7 @@ def mean_input_patch(x: Tensor, geometry: ConvGeometry, out_hw: tuple[int, int])
     """
     g = geometry.groups
     _, c_in_g, kh, kw = geometry.weight_shape
-    dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    dtype = stat_dtype(x)
     # many small maps (RoIs): sum the batch first; a few large ones (FPN levels): don't copy
     xf = x.sum(0, keepdim=True, dtype=dtype) if x.shape[0] > 4 else x.to(dtype)
     height, width = x.shape[2:]
@@ -107,7 +112,7 @@ def grad_nu_wrt_weight(x: Tensor, y: Tensor, geometry: ConvGeometry, stride: int
     (``s^2`` times cheaper; unbiased when the offset is drawn uniformly in ``[0, s)^2``).
     Computed in float32 (or float64 when the inputs are float64).
     """
-    dtype = torch.float64 if y.dtype == torch.float64 else torch.float32
+    dtype = stat_dtype(y)
     xf, yf = x.to(dtype), y.to(dtype)
     (sh, sw), (ph, pw) = geometry.stride, geometry.padding
     if stride == 1:
@@ -184,10 +189,6 @@ def past_sums(mu_hat: Tensor, nu_hat: Tensor, valid: Tensor) -> tuple[Tensor, Te
     return sum_mu, sum_nu, 1 + valid.sum().to(mu_hat.dtype)
 
 
-def _stat_dtype(t: Tensor) -> torch.dtype:
-    return torch.float64 if t.dtype == torch.float64 else torch.float32
-
-
 def _channel_sums(y: Tensor) -> tuple[Tensor, Tensor]:
     """``(sum y, sum y^2)`` per channel in one pass of BatchNorm's backward reduction kernel.
 
@@ -197,7 +198,7 @@ def _channel_sums(y: Tensor) -> tuple[Tensor, Tensor]:
     ``y.mean`` + ``y.square().mean`` (or ``var_mean``) take 3-10x longer on CPU.
     """
     c = y.shape[1]
-    dtype = _stat_dtype(y)
+    dtype = stat_dtype(y)
     _, sum_sq, sum_ = torch.ops.aten.native_batch_norm_backward(
         y, y, None, y.new_zeros(c, dtype=dtype), y.new_ones(c, dtype=dtype), None, None, False,
         0.0, [False, True, True])
