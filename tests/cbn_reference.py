@@ -10,6 +10,12 @@ import torch
 import torch.nn.functional as F
 
 
+def conv_kwargs(module):
+    """The geometry of an ``nn.Conv2d`` as keyword arguments of ``F.conv2d``."""
+    return dict(stride=module.stride, padding=module.padding, dilation=module.dilation,
+                groups=module.groups)
+
+
 def conv(x, weight, bias, conv_kwargs):
     return F.conv2d(x, weight, bias, **conv_kwargs)
 

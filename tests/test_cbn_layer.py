@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch import nn
 
-from cbn_reference import literal_cbn
+from cbn_reference import conv_kwargs, literal_cbn
 from mmdet_cbn import CrossIterationBatchNorm2d, convert_cbn, pair_cbn_layers
 
 
@@ -55,8 +55,7 @@ def test_matches_literal_reference_over_a_training_run(compensation, conv_kw):
     model = conv_cbn(window_size=window, compensation=compensation, **conv_kw)
     conv, cbn = model
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    kwargs = dict(stride=conv.stride, padding=conv.padding, dilation=conv.dilation,
-                  groups=conv.groups)
+    kwargs = conv_kwargs(conv)
     past = []
     for step in range(6):
         x = torch.randn(2, 4, 7, 7, dtype=torch.float64)
@@ -81,8 +80,7 @@ def test_parameter_gradients_match_the_literal_reference(backprop_past_stats, co
     model = conv_cbn(window_size=window, backprop_past_stats=backprop_past_stats, **conv_kw)
     conv, cbn = model
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    kwargs = dict(stride=conv.stride, padding=conv.padding, dilation=conv.dilation,
-                  groups=conv.groups)
+    kwargs = conv_kwargs(conv)
     past = []
     for step in range(5):
         x = torch.randn(2, 4, 7, 7, dtype=torch.float64)
@@ -264,7 +262,7 @@ def test_wrong_pairing_is_detected_at_run_time():
 def test_changing_the_window_keeps_the_newest_records(new_window):
     model = conv_cbn(window_size=3)
     conv, cbn = model
-    kwargs = dict(stride=1, padding=1, dilation=1, groups=1)
+    kwargs = conv_kwargs(conv)
     past = []
     for _ in range(4):
         x = torch.randn(2, 4, 5, 5, dtype=torch.float64)

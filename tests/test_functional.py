@@ -3,7 +3,7 @@ import pytest
 import torch
 from torch import nn
 
-from cbn_reference import compensated, stats_and_grads
+from cbn_reference import compensated, conv_kwargs, stats_and_grads
 from mmdet_cbn.functional import (ConvGeometry, compensate, grad_nu_wrt_weight,
                                   mean_input_patch, past_sums, window_normalize)
 
@@ -25,11 +25,6 @@ def make(name, seed=0, batch=3):
     conv = nn.Conv2d(**kwargs).double()
     x = torch.randn(batch, conv.in_channels, 11, 10, dtype=torch.float64)
     return conv, x
-
-
-def conv_kwargs(conv):
-    return dict(stride=conv.stride, padding=conv.padding, dilation=conv.dilation,
-                groups=conv.groups)
 
 
 def history_of(conv, x):

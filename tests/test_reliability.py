@@ -11,7 +11,7 @@ from mmengine.runner import Runner
 from torch import nn
 from torch.utils.data import Dataset
 
-from cbn_reference import literal_cbn
+from cbn_reference import conv_kwargs, literal_cbn
 from mmdet_cbn import CrossIterationBatchNorm2d, cbn_layers, pair_cbn_layers
 
 
@@ -145,7 +145,7 @@ def test_norm_eval_uses_running_statistics_like_bn():
 def test_non_finite_batch_stays_out_of_history_and_running_stats(caplog):
     model = paired(window=3)
     conv, cbn = model
-    kwargs = dict(stride=1, padding=1, dilation=1, groups=1)
+    kwargs = conv_kwargs(conv)
     past = []
     for step in range(6):
         x = torch.randn(2, 4, 6, 6, dtype=torch.float64)
