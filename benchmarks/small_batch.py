@@ -45,7 +45,10 @@ from torch import Tensor, nn
 
 from mmdet_cbn import convert_cbn
 
-NORMS = ('bn', 'gn', 'naive_cbn', 'cbn', 'cbn_bp', 'cbn_sampled')
+# CBN variants: the keyword arguments of convert_cbn besides window and burn-in.
+CBN_OPTIONS = {'naive_cbn': dict(compensation='none'), 'cbn': {},
+               'cbn_bp': dict(backprop_past_stats=True), 'cbn_sampled': dict(grad_nu_stride=2)}
+NORMS = ('bn', 'gn', *CBN_OPTIONS)
 DEFAULT_NORMS = NORMS[:5]
 LABELS = {'bn': 'BN', 'gn': 'GN', 'naive_cbn': 'Naive CBN', 'cbn': 'CBN',
           'cbn_bp': 'CBN, backprop_past_stats', 'cbn_sampled': 'CBN, grad_nu_stride=2'}
@@ -162,11 +165,9 @@ class SmallResNet(nn.Module):
 def build_model(norm: str, batch: int, iterations: int, burnin: float) -> nn.Module:
     """The classifier with ``norm``; CBN variants converted from BN with window ceil(16/batch)."""
     model = SmallResNet('gn' if norm == 'gn' else 'bn')
-    if norm in ('cbn', 'naive_cbn', 'cbn_bp', 'cbn_sampled'):
+    if norm in CBN_OPTIONS:
         convert_cbn(model, window_size=window_for(batch),
-                    compensation='none' if norm == 'naive_cbn' else 'taylor',
-                    burnin_iters=round(burnin * iterations), backprop_past_stats=norm == 'cbn_bp',
-                    grad_nu_stride=2 if norm == 'cbn_sampled' else 1)
+                    burnin_iters=round(burnin * iterations), **CBN_OPTIONS[norm])
     return model
 
 
