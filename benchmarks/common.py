@@ -143,6 +143,12 @@ def environment(device: torch.device) -> dict[str, Any]:
     return env
 
 
+def run_record(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
+    """The head of every benchmark's JSON: the environment and the command-line arguments."""
+    return {'environment': environment(device),
+            'args': {k: str(v) for k, v in vars(args).items()}}
+
+
 def write_json(path: Path | None, payload: dict[str, Any]) -> None:
     """Write ``payload`` (with the load average at the end of the run added) to ``path``."""
     if path is None:

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from common import add_common_arguments, environment, interleaved, ratio, setup_torch, write_json
+from common import add_common_arguments, interleaved, ratio, run_record, setup_torch, write_json
 from torch import nn
 
 from mmdet_cbn import cbn_layers, pair_cbn_layers
@@ -142,8 +142,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             continue
         value = ratio(timings, num, den)
         ratios[name] = {'value': value, 'target_max': bound, 'met': value <= bound}
-    results = {'environment': environment(device),
-               'args': {k: str(v) for k, v in vars(args).items()},
+    results = {**run_record(args, device),
                'configs': {k: str(v.relative_to(ROOT)) for k, v in CONFIGS.items()},
                'cbn_layers': built['cbn_layers'], 'timings': timings, 'ratios': ratios}
     print(f'Faster R-CNN R50-FPN 4conv1fc, {args.images} x {args.size[0]}x{args.size[1]} images, '

@@ -27,7 +27,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-from common import add_common_arguments, environment, interleaved, ratio, setup_torch, write_json
+from common import add_common_arguments, interleaved, ratio, run_record, setup_torch, write_json
 from torch import Tensor, nn
 
 from mmdet_cbn import CrossIterationBatchNorm2d, pair_cbn_layers
@@ -318,9 +318,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.quick:
         args.shapes, args.repeats = list(QUICK_SHAPES), 2
     device = setup_torch(args)
-    results: dict[str, Any] = {'environment': environment(device),
-                               'args': {k: str(v) for k, v in vars(args).items()},
-                               'shapes': {}, 'sampled_error': {}}
+    results: dict[str, Any] = {**run_record(args, device), 'shapes': {}, 'sampled_error': {}}
     for name in args.shapes:
         results['shapes'][name] = measure_shape(SHAPES[name], device, args.repeats, args.seed,
                                                 args.clock, args.grad_nu_stride)

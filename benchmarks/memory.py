@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from common import add_common_arguments, environment, setup_torch, synchronize, write_json
+from common import add_common_arguments, run_record, setup_torch, synchronize, write_json
 from layer_speed import QUICK_SHAPES, SHAPES, WINDOW, AutogradCBN, _cbn, _conv, _sgd
 from torch import nn
 from torch.profiler import ProfilerActivity, profile
@@ -188,8 +188,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     device = setup_torch(args)
     channels = 32 if args.quick else 256
     results: dict[str, Any] = {
-        'environment': environment(device),
-        'args': {k: str(v) for k, v in vars(args).items()},
+        **run_record(args, device),
         'state': [layer_state(channels, window, device) for window in args.windows],
         'step_peak': {name: step_peaks(SHAPES[name], device, args.seed)
                       for name in args.shapes},

@@ -24,7 +24,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
-from common import add_common_arguments, environment, setup_torch, synchronize, write_json
+from common import add_common_arguments, run_record, setup_torch, synchronize, write_json
 from layer_speed import QUICK_SHAPES, SHAPES, WINDOW, _conv, _sgd
 from torch import nn
 from torch.autograd.profiler import record_function
@@ -202,9 +202,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.quick:
         args.shapes, args.repeats = list(QUICK_SHAPES), 2
     device = setup_torch(args)
-    results: dict[str, Any] = {'environment': environment(device),
-                               'args': {k: str(v) for k, v in vars(args).items()},
-                               'shapes': {}}
+    results: dict[str, Any] = {**run_record(args, device), 'shapes': {}}
     for name in args.shapes:
         results['shapes'][name] = profile_shape(SHAPES[name], device, args.repeats, args.seed,
                                                 2 if args.sampled else 1)
