@@ -9,7 +9,6 @@ jobs, single-threaded (``--threads 1``) CPU time leaves out the time spent desch
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import platform
@@ -21,8 +20,10 @@ from typing import Any
 
 import torch
 
+from mmdet_cbn.testing import source_digest
+
 __all__ = ['CLOCKS', 'add_common_arguments', 'setup_torch', 'synchronize', 'time_call',
-           'interleaved', 'environment', 'write_json', 'ratio']
+           'interleaved', 'environment', 'run_record', 'write_json', 'ratio']
 
 
 def add_common_arguments(parser: argparse.ArgumentParser, repeats: int | None,
@@ -115,20 +116,10 @@ def _cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-def _package_digest() -> str:
-    """Short hash of the sources of the imported ``mmdet_cbn`` (which version was measured)."""
-    import mmdet_cbn
-
-    digest = hashlib.sha256()
-    for path in sorted(Path(mmdet_cbn.__file__).parent.glob('*.py')):
-        digest.update(path.read_bytes())
-    return digest.hexdigest()[:12]
-
-
 def environment(device: torch.device) -> dict[str, Any]:
     """What the numbers were measured on: CPU/GPU model, cores, threads, load, versions."""
     env: dict[str, Any] = {
-        'mmdet_cbn_source_sha256': _package_digest(),
+        'mmdet_cbn_source_sha256': source_digest(),
         'device': str(device),
         'cpu_model': _cpu_model(),
         'cpu_count': os.cpu_count(),

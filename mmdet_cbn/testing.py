@@ -1,4 +1,5 @@
-"""Helpers for tests and demos: small CPU runs of mmdet configs on the digits dataset.
+"""Helpers for tests, demos and benchmarks: small CPU runs of mmdet configs on the digits
+dataset, and which version of the package a measurement ran.
 
 :func:`cpu_smoke_cfg` rewrites any mmdet 3.x detector config (mmdet's own
 ``faster-rcnn_r50_fpn_1x_coco`` / ``mask-rcnn_r50_fpn_1x_coco`` or configs that
@@ -9,6 +10,7 @@ the dataset written by :func:`mmdet_cbn.datasets.make_digits_coco`.
 from __future__ import annotations
 
 import copy
+import hashlib
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -211,3 +213,11 @@ def cpu_smoke_cfg(
     if seed is not None:
         cfg.randomness = dict(seed=seed)
     return cfg
+
+
+def source_digest() -> str:
+    """Short SHA-256 of the ``mmdet_cbn/*.py`` sources: which version of the layer was run."""
+    digest = hashlib.sha256()
+    for path in sorted(Path(__file__).parent.glob('*.py')):
+        digest.update(path.read_bytes())
+    return digest.hexdigest()[:12]

@@ -20,7 +20,6 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import subprocess
@@ -68,14 +67,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.work_dir is None:
         args.work_dir = REPO / ('work_dirs/demo_quick' if args.quick else 'work_dirs/demo')
     return args
-
-
-def source_digest() -> str:
-    """Short SHA-256 of the ``mmdet_cbn/*.py`` sources: which version of the layer was run."""
-    digest = hashlib.sha256()
-    for path in sorted((REPO / 'mmdet_cbn').glob('*.py')):
-        digest.update(path.read_bytes())
-    return digest.hexdigest()[:12]
 
 
 def make_data(root: Path, num_train: int, num_val: int) -> dict[str, Any]:
@@ -250,6 +241,8 @@ def plot(results: dict[str, dict[str, Any]], path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Generate data, train and evaluate every variant, report."""
+    from mmdet_cbn.testing import source_digest
+
     args = parse_args(argv)
     os.chdir(REPO)
     start = time.perf_counter()
