@@ -12,8 +12,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from .functional import (ConvGeometry, compensate, grad_nu_wrt_weight, mean_input_patch,
-                         past_sums, stat_dtype, window_normalize)
+from .functional import (ConvGeometry, all_finite, compensate, grad_nu_wrt_weight,
+                         mean_input_patch, past_sums, stat_dtype, window_normalize)
 
 COMPENSATIONS = ('taylor', 'none')
 
@@ -64,15 +64,23 @@ class History:
             setattr(self, name, fn(tensor).to(tensor.dtype))
 
     @torch.no_grad()
-    def push(self, xbar: Tensor | None, grad_nu: Tensor | None, stats: Tensor, count: int,
+    def push(self, mu: Tensor, nu: Tensor, xbar: Tensor | None, grad_nu: Tensor | None,
+             grad_dot_weight: Tensor | None, conv_bias: Tensor | None, count: int,
              valid: Tensor) -> None:
         """Overwrite the oldest slot with the current iteration's record (no host sync)."""
         i = self.cursor
+        stats = self.stats[i]
+        stats[0].copy_(mu)
+        stats[1].copy_(nu)
+        for row, value in ((2, grad_dot_weight), (3, conv_bias)):
+            if value is None:
+                stats[row].zero_()
+            else:
+                stats[row].copy_(value)
         if xbar is not None:
             self.xbar[i].copy_(xbar)
             self.grad_nu[i].copy_(grad_nu)
-        self.stats[i].copy_(stats)
-        self.count[i] = count
+        self.count[i].fill_(count)  # a kernel argument: no host-to-device copy
         self.valid[i] = valid
         self.cursor = (i + 1) % self.slots
         self.written = min(self.written + 1, self.slots)
@@ -322,15 +330,14 @@ class CrossIterationBatchNorm2d(_BatchNorm):
                   else self.momentum)
         mean, var = self.running_mean.clone(), self.running_var.clone()
         out = F.batch_norm(input, mean, var, self.weight, self.bias, True, factor, self.eps)
-        self._commit_running_stats(mean, var, torch.isfinite(mean).all() &
-                                   torch.isfinite(var).all())
+        self._commit_running_stats(mean, var, all_finite(mean, var))
         return out
 
     @torch.no_grad()
     def _commit_running_stats(self, mean: Tensor, var: Tensor, finite: Tensor) -> None:
         self.running_mean.copy_(torch.where(finite, mean, self.running_mean))
         self.running_var.copy_(torch.where(finite, var, self.running_var))
-        self.nonfinite_batches += (~finite).long()
+        self.nonfinite_batches.add_(~finite)
 
     def _unpaired_message(self) -> str:
         return (f"CBN layer '{self.layer_name}' did not receive the input and weight of the "
@@ -372,7 +379,7 @@ class CrossIterationBatchNorm2d(_BatchNorm):
         past_mu, past_nu, k = past_sums(mu_hat, nu_hat, valid)
         out, mu, nu, mu_bar, var_bar = window_normalize(
             y, self.weight, self.bias, past_mu, past_nu, k, self.eps)
-        finite = torch.isfinite(mu).all() & torch.isfinite(nu).all()
+        finite = all_finite(mu, nu)
         total = count + (history.count * history.valid).sum()
         self._update_running_stats(mu_bar, var_bar, total, finite)
         self._record(history, conv_io, y, mu, nu, weight, conv_bias, geometry, count, finite)
@@ -398,7 +405,7 @@ class CrossIterationBatchNorm2d(_BatchNorm):
         if self.momentum is None:
             factor = 1.0 / self.num_batches_tracked.to(mean.dtype)
         else:
-            factor = torch.as_tensor(self.momentum, dtype=mean.dtype, device=mean.device)
+            factor = self.momentum  # a Python number: no host-to-device copy
         unbiased = var * total / (total - 1).clamp_min(1)
         new_mean = torch.lerp(self.running_mean.to(mean.dtype), mean, factor)
         new_var = torch.lerp(self.running_var.to(mean.dtype), unbiased, factor)
@@ -409,9 +416,7 @@ class CrossIterationBatchNorm2d(_BatchNorm):
                 mu: Tensor, nu: Tensor, weight: Tensor | None, conv_bias: Tensor | None,
                 geometry: ConvGeometry | None, count: int, finite: Tensor) -> None:
         """Store this iteration's statistics (and their weight gradients) for the next ones."""
-        stats = torch.zeros_like(history.stats[0])
-        stats[0], stats[1] = mu, nu
-        xbar = grad_nu = None
+        xbar = grad_nu = grad_dot_weight = None
         if geometry is not None:
             x = conv_io[0]
             xbar = mean_input_patch(x, geometry, y.shape[2:])
@@ -426,8 +431,7 @@ class CrossIterationBatchNorm2d(_BatchNorm):
                 if stride > 1:
                     offset = tuple(int(v) for v in torch.randint(stride, (2,)))
                 grad_nu = grad_nu_wrt_weight(x, y, geometry, stride, offset)
-            stats[2] = (grad_nu * weight.reshape(weight.shape[0], -1).to(grad_nu.dtype)).sum(1)
-            if conv_bias is not None:
-                stats[3] = conv_bias
-            finite = finite & torch.isfinite(xbar).all() & torch.isfinite(stats[2]).all()
-        history.push(xbar, grad_nu, stats, count, finite)
+            flat_weight = weight.reshape(weight.shape[0], -1, 1).to(grad_nu.dtype)
+            grad_dot_weight = torch.bmm(grad_nu.unsqueeze(1), flat_weight).view(-1)
+            finite = finite & all_finite(xbar, grad_dot_weight)
+        history.push(mu, nu, xbar, grad_nu, grad_dot_weight, conv_bias, count, finite)

@@ -9,6 +9,7 @@ shape ``(N, C, H', W')``; ``M = N * H' * W'`` examples per channel; ``D = C_in /
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -16,7 +17,7 @@ from torch import Tensor
 
 __all__ = [
     'ConvGeometry', 'mean_input_patch', 'grad_nu_wrt_weight', 'compensate', 'past_sums',
-    'window_normalize', 'stat_dtype',
+    'all_finite', 'window_normalize', 'stat_dtype',
 ]
 
 
@@ -63,16 +64,21 @@ def _conv_weight_grad(x: Tensor, grad_y: Tensor, weight_shape: tuple[int, ...],
     return grad_w
 
 
+@functools.lru_cache(maxsize=256)
 def _tap_rows(size: int, out_size: int, kernel: int, stride: int, padding: int,
-              dilation: int, like: Tensor) -> Tensor:
+              dilation: int, device: torch.device, dtype: torch.dtype) -> Tensor:
     """``(kernel, size)`` 0/1 matrix: which input rows (or columns) kernel tap ``a`` reads over
-    all output positions, i.e. ``q * stride + a * dilation - padding`` inside the input."""
-    taps = torch.arange(kernel, device=like.device).unsqueeze(1) * dilation
-    rows = torch.arange(out_size, device=like.device) * stride - padding + taps
-    inside = (rows >= 0) & (rows < size)
-    out = like.new_zeros(kernel, size + 1)
-    out.scatter_(1, torch.where(inside, rows, size), 1.0)
-    return out[:, :size]
+    all output positions, i.e. ``q * stride + a * dilation - padding`` inside the input.
+
+    Cached: it depends on the geometry only, and building it costs a dozen small kernels.
+    """
+    with torch.inference_mode(False), torch.no_grad():
+        taps = torch.arange(kernel, device=device).unsqueeze(1) * dilation
+        rows = torch.arange(out_size, device=device) * stride - padding + taps
+        inside = (rows >= 0) & (rows < size)
+        out = torch.zeros(kernel, size + 1, device=device, dtype=dtype)
+        out.scatter_(1, torch.where(inside, rows, size), 1.0)
+        return out[:, :size]
 
 
 def mean_input_patch(x: Tensor, geometry: ConvGeometry, out_hw: tuple[int, int]) -> Tensor:
@@ -94,10 +100,10 @@ def mean_input_patch(x: Tensor, geometry: ConvGeometry, out_hw: tuple[int, int])
     xf = x.sum(0, keepdim=True, dtype=dtype) if x.shape[0] > 4 else x.to(dtype)
     height, width = x.shape[2:]
     rows = _tap_rows(height, out_hw[0], kh, geometry.stride[0], geometry.padding[0],
-                     geometry.dilation[0], xf)
+                     geometry.dilation[0], xf.device, dtype)
     cols = _tap_rows(width, out_hw[1], kw, geometry.stride[1], geometry.padding[1],
-                     geometry.dilation[1], xf)
-    xbar = torch.einsum('nchb,ah->cab', torch.matmul(xf, cols.t()), rows)
+                     geometry.dilation[1], xf.device, dtype)
+    xbar = torch.matmul(rows, torch.matmul(xf, cols.t()).sum(0))  # (c, a, b)
     m = x.shape[0] * out_hw[0] * out_hw[1]
     return xbar.reshape(g, c_in_g * kh * kw) / m
 
@@ -161,8 +167,10 @@ def compensate(weight: Tensor, bias: Tensor | None, xbar: Tensor, grad_nu: Tenso
     """
     groups = xbar.shape[1]
     w = weight.reshape(groups, weight.shape[0] // groups, -1).to(xbar.dtype)
-    mu_hat = torch.einsum('gcd,sgd->sgc', w, xbar).reshape(xbar.shape[0], -1)
-    nu_hat = nu + torch.einsum('cd,scd->sc', w.reshape(weight.shape[0], -1), grad_nu)
+    # batched matrix products rather than einsum, whose set-up costs more than these small sums
+    mu_hat = torch.bmm(w, xbar.permute(1, 2, 0)).reshape(-1, xbar.shape[0]).t()  # (g,c,S)->(S,C)
+    flat_w = w.reshape(weight.shape[0], 1, -1)
+    nu_hat = nu + torch.bmm(flat_w, grad_nu.permute(1, 2, 0)).squeeze(1).t()  # (C,1,S)->(S,C)
     nu_hat = nu_hat - grad_dot_weight
     if bias is not None:
         b = bias.to(xbar.dtype)
@@ -182,26 +190,38 @@ def past_sums(mu_hat: Tensor, nu_hat: Tensor, valid: Tensor) -> tuple[Tensor, Te
         ``(sum mu_hat, sum max(nu_hat, mu_hat^2), k)`` over the valid slots, each ``(C,)``,
         and ``k = 1 + #valid``, the number of aggregated iterations (0-d tensor).
     """
-    keep = valid.unsqueeze(1)
-    zero = mu_hat.new_zeros(())
-    sum_mu = torch.where(keep, mu_hat, zero).sum(0)
-    sum_nu = torch.where(keep, torch.maximum(nu_hat, mu_hat.square()), zero).sum(0)
-    return sum_mu, sum_nu, 1 + valid.sum().to(mu_hat.dtype)
+    moments = torch.stack([mu_hat, torch.maximum(nu_hat, mu_hat.square())])
+    sums = torch.where(valid.view(1, -1, 1), moments, 0).sum(1)
+    return sums[0], sums[1], 1 + valid.sum(dtype=mu_hat.dtype)
+
+
+def all_finite(*tensors: Tensor) -> Tensor:
+    """0-d bool tensor: no element of ``tensors`` is NaN or infinite, without a host sync.
+
+    ``t - t`` is 0 for finite elements and NaN otherwise, so its sum is exactly 0 iff all are
+    finite: two kernels per tensor, where ``isfinite(t).all()`` takes five.
+    """
+    first, *rest = ((t - t).sum(dtype=stat_dtype(t)) for t in tensors)
+    for partial in rest:
+        first = first + partial
+    return first == 0
 
 
 def _channel_sums(y: Tensor) -> tuple[Tensor, Tensor]:
     """``(sum y, sum y^2)`` per channel in one pass of BatchNorm's backward reduction kernel.
 
     ``native_batch_norm_backward`` in eval mode returns ``grad_bias = sum(g)`` and
-    ``grad_weight = sum(g * (y - mean) / sqrt(var + eps))``; with ``g = y``, ``mean = 0``,
-    ``var = 1`` and ``eps = 0`` these are the two raw sums. One fused read of ``y``, where
-    ``y.mean`` + ``y.square().mean`` (or ``var_mean``) take 3-10x longer on CPU.
+    ``grad_weight = sum(g * (y - mean) * invstd)``; with ``g = y``, ``mean = 0``,
+    ``invstd = 1`` (``var = 1``, ``eps = 0``) these are the two raw sums. One fused read of
+    ``y``, where ``y.mean`` + ``y.square().mean`` (or ``var_mean``) take 3-10x longer on CPU.
+    The CPU kernel reads mean and variance from the running-stat arguments, the CUDA kernel from
+    the saved-stat ones (and needs a weight), so all get the same zeros and ones.
     """
     c = y.shape[1]
     dtype = stat_dtype(y)
+    zeros, ones = y.new_zeros(c, dtype=dtype), y.new_ones(c, dtype=dtype)
     _, sum_sq, sum_ = torch.ops.aten.native_batch_norm_backward(
-        y, y, None, y.new_zeros(c, dtype=dtype), y.new_ones(c, dtype=dtype), None, None, False,
-        0.0, [False, True, True])
+        y, y, ones, zeros, ones, zeros, ones, False, 0.0, [False, True, True])
     return sum_, sum_sq
 
 

@@ -8,8 +8,13 @@ from torch import nn
 from cbn_reference import conv_kwargs, literal_cbn
 from mmdet_cbn import CrossIterationBatchNorm2d, convert_cbn, pair_cbn_layers
 
+# The reference checks run on CUDA too where a GPU is present (never in CI).
+DEVICES = ['cpu', pytest.param('cuda', marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason='needs a CUDA device'))]
 
-def conv_cbn(seed=0, bias=False, groups=1, stride=1, dilation=1, dtype=torch.float64, **kw):
+
+def conv_cbn(seed=0, bias=False, groups=1, stride=1, dilation=1, dtype=torch.float64,
+             device='cpu', **kw):
     torch.manual_seed(seed)
     conv = nn.Conv2d(4, 6, 3, stride=stride, padding=dilation, dilation=dilation,
                      groups=groups, bias=bias)
@@ -17,7 +22,7 @@ def conv_cbn(seed=0, bias=False, groups=1, stride=1, dilation=1, dtype=torch.flo
     with torch.no_grad():
         cbn.weight.uniform_(0.5, 1.5)
         cbn.bias.uniform_(-0.5, 0.5)
-    model = nn.Sequential(conv, cbn).to(dtype)
+    model = nn.Sequential(conv, cbn).to(dtype=dtype, device=device)
     pair_cbn_layers(model)
     return model
 
@@ -46,19 +51,20 @@ def test_window_one_is_batchnorm_in_train_and_eval():
     torch.testing.assert_close(bn(y), ref(y))
 
 
+@pytest.mark.parametrize('device', DEVICES)
 @pytest.mark.parametrize('compensation', ['taylor', 'none'])
 @pytest.mark.parametrize('conv_kw', [dict(), dict(bias=True, groups=2),
                                      dict(stride=2, dilation=2, bias=True)])
-def test_matches_literal_reference_over_a_training_run(compensation, conv_kw):
+def test_matches_literal_reference_over_a_training_run(compensation, conv_kw, device):
     """Each step's output equals Eq. 9-11 over stored old weights, biases and inputs."""
     window = 3
-    model = conv_cbn(window_size=window, compensation=compensation, **conv_kw)
+    model = conv_cbn(window_size=window, compensation=compensation, device=device, **conv_kw)
     conv, cbn = model
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     kwargs = conv_kwargs(conv)
     past = []
     for step in range(6):
-        x = torch.randn(2, 4, 7, 7, dtype=torch.float64)
+        x = torch.randn(2, 4, 7, 7, dtype=torch.float64, device=device)
         w, b = conv.weight.detach().clone(), None if conv.bias is None else conv.bias.detach()
         out = model(x)
         expected = literal_cbn(conv(x).detach(), past[-(window - 1):], w,
@@ -71,19 +77,21 @@ def test_matches_literal_reference_over_a_training_run(compensation, conv_kw):
         optimizer.step()
 
 
+@pytest.mark.parametrize('device', DEVICES)
 @pytest.mark.parametrize('backprop_past_stats', [False, True])
 @pytest.mark.parametrize('conv_kw', [dict(bias=True, groups=2), dict(stride=2, dilation=2)])
-def test_parameter_gradients_match_the_literal_reference(backprop_past_stats, conv_kw):
+def test_parameter_gradients_match_the_literal_reference(backprop_past_stats, conv_kw, device):
     """Conv and affine gradients equal autograd through Eq. 7-11 on stored old inputs, with the
     compensated past statistics held constant (the paper) or as functions of ``W(t)``."""
     window = 3
-    model = conv_cbn(window_size=window, backprop_past_stats=backprop_past_stats, **conv_kw)
+    model = conv_cbn(window_size=window, backprop_past_stats=backprop_past_stats, device=device,
+                     **conv_kw)
     conv, cbn = model
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     kwargs = conv_kwargs(conv)
     past = []
     for step in range(5):
-        x = torch.randn(2, 4, 7, 7, dtype=torch.float64)
+        x = torch.randn(2, 4, 7, 7, dtype=torch.float64, device=device)
         w = conv.weight.detach().clone().requires_grad_()
         b = None if conv.bias is None else conv.bias.detach().clone().requires_grad_()
         gamma, beta = (p.detach().clone().requires_grad_() for p in (cbn.weight, cbn.bias))
@@ -124,6 +132,35 @@ def test_backprop_past_stats_makes_a_mean_shift_gradient_free_as_in_bn():
         grads[flag] = model[0].bias.grad.abs().max().item()
     assert grads[False] > 1.0
     assert grads[True] < 0.03 * grads[False]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA device')
+@pytest.mark.parametrize('options', [dict(), dict(grad_nu_stride=2),
+                                     dict(backprop_past_stats=True)])
+def test_cuda_training_and_eval_steps_never_wait_for_the_device(options):
+    """No ``.item()``, no data-dependent shapes: a step queues its kernels without a host sync
+    (the NaN guard stays on the device), in training with a full window and in eval."""
+    model = conv_cbn(window_size=4, bias=True, dtype=torch.float32, device='cuda', **options)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+
+    def step():
+        optimizer.zero_grad()
+        out = model(torch.randn(2, 4, 9, 9, device='cuda'))
+        (out * torch.randn_like(out)).sum().backward()
+        optimizer.step()
+
+    for _ in range(4):  # first allocations and a full history
+        step()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode('error')
+    try:
+        step()
+        model.eval()
+        with torch.no_grad():
+            model(torch.randn(2, 4, 9, 9, device='cuda'))
+    finally:
+        torch.cuda.set_sync_debug_mode('default')
+    assert torch.isfinite(model[1].running_var).all()
 
 
 def test_gradients_flow_only_through_the_current_iteration_gradcheck():
