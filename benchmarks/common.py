@@ -29,7 +29,7 @@ __all__ = ['CLOCKS', 'add_common_arguments', 'setup_torch', 'synchronize', 'time
 def add_common_arguments(parser: argparse.ArgumentParser, repeats: int | None,
                          clock: bool = True) -> None:
     """Add ``--device``, ``--threads``, ``--seed``, ``--out`` and, for timings, ``--repeats``
-    (and ``--clock`` when ``clock``)."""
+    (and ``--clock`` and ``--calls`` when ``clock``)."""
     parser.add_argument('--device', choices=('cpu', 'cuda'), default='cpu')
     parser.add_argument('--threads', type=int, default=None,
                         help='torch intra-op threads (default: torch default)')
@@ -41,6 +41,9 @@ def add_common_arguments(parser: argparse.ArgumentParser, repeats: int | None,
                             help="'cpu': CPU time of this process instead of wall time; on a "
                                  'shared machine with --threads 1 it ignores the time spent '
                                  'descheduled (CPU device only)')
+        parser.add_argument('--calls', type=int, default=1,
+                            help='calls per timed repetition, averaged (e.g. 10 on CUDA, where '
+                                 'one call is too short to time alone)')
     parser.add_argument('--seed', type=int, default=0)
     parser.add_argument('--out', type=Path, default=None, help='write the results as JSON')
 
@@ -66,8 +69,10 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_call(fn: Callable[[], Any], device: torch.device, clock: str = 'wall') -> float:
-    """Seconds taken by one call of ``fn``, queued device work included.
+def time_call(fn: Callable[[], Any], device: torch.device, clock: str = 'wall',
+              calls: int = 1) -> float:
+    """Seconds taken by one call of ``fn``, queued device work included: the mean of ``calls``
+    calls queued back to back.
 
     ``clock='cpu'`` counts the CPU time of this process (all its threads) instead.
     """
@@ -76,14 +81,16 @@ def time_call(fn: Callable[[], Any], device: torch.device, clock: str = 'wall') 
     now = time.process_time if clock == 'cpu' else time.perf_counter
     synchronize(device)
     start = now()
-    fn()
+    for _ in range(calls):
+        fn()
     synchronize(device)
-    return now() - start
+    return (now() - start) / calls
 
 
 def interleaved(variants: dict[str, Callable[[], Any]], repeats: int, device: torch.device,
-                warmup: int = 1, clock: str = 'wall') -> dict[str, dict[str, Any]]:
+                warmup: int = 1, clock: str = 'wall', calls: int = 1) -> dict[str, dict[str, Any]]:
     """Time each variant ``repeats`` times, interleaved; return median, min and all samples (s).
+    Each sample is the mean of ``calls`` calls (:func:`time_call`).
 
     ``warmup`` untimed calls of every variant come first (allocator, kernel selection).
     """
@@ -95,7 +102,7 @@ def interleaved(variants: dict[str, Callable[[], Any]], repeats: int, device: to
     for rep in range(repeats):
         shift = rep % len(names)
         for name in names[shift:] + names[:shift]:
-            samples[name].append(time_call(variants[name], device, clock))
+            samples[name].append(time_call(variants[name], device, clock, calls))
     return {name: {'median_s': statistics.median(s), 'min_s': min(s), 'samples_s': s}
             for name, s in samples.items()}
 

@@ -12,7 +12,12 @@ checkpoint of the backbone disabled. Variants, stepped interleaved on the same r
 - ``cbn_burnin``: CBN with window 1 (the burn-in period).
 
 A step is mmengine's ``model.train_step`` (data preprocessor, forward, losses, backward, SGD),
-as the training loop runs it. Targets: exact <= 1.15 x BN, sampled <= 1.05 x BN.
+as the training loop runs it. Targets: exact <= 1.15 x BN, sampled <= 1.05 x BN. On CUDA it
+also reports each variant's peak memory of a step: the model's state (parameters, gradients,
+buffers, SGD momentum, CBN history) plus the most allocated during the step above it.
+
+Where mmcv is installed without its compiled ops, RoIAlign and NMS run on torchvision's kernels
+in every variant (:mod:`mmcv_ops_fallback`); the JSON's ``mmcv_ops`` says which ran.
 
 Usage: ``python benchmarks/detector_step.py --threads 2 --size 256 --out detector.json``
 (``--size 800x1088`` for the paper's COCO input size)
@@ -24,8 +29,10 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+import mmcv_ops_fallback
 import torch
-from common import add_common_arguments, interleaved, ratio, run_record, setup_torch, write_json
+from common import (add_common_arguments, interleaved, ratio, run_record, setup_torch,
+                    synchronize, write_json)
 from torch import nn
 
 from mmdet_cbn import cbn_layers, pair_cbn_layers
@@ -96,7 +103,7 @@ def build_variants(args: argparse.Namespace, device: torch.device) -> dict[str, 
             layer.set_window(window)
             layer.grad_nu_stride = stride
         models[name] = model
-    variants = {}
+    variants, optimizers = {}, {}
     for name, model in models.items():
         optim = OptimWrapper(torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9,
                                              weight_decay=1e-4))
@@ -104,9 +111,45 @@ def build_variants(args: argparse.Namespace, device: torch.device) -> dict[str, 
         def step(model: nn.Module = model, optim: OptimWrapper = optim) -> None:
             model.train_step(batch, optim)
         variants[name] = step
-    return {'variants': variants,
+        optimizers[name] = optim.optimizer
+    return {'variants': variants, 'models': models, 'optimizers': optimizers,
             'cbn_layers': max(len(cbn_layers(m)) for m in models.values()),
             'bn_layers': sum(isinstance(m, nn.BatchNorm2d) for m in models['bn'].modules())}
+
+
+def _bytes(tensors: Any) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+
+
+def state_bytes(model: nn.Module, optimizer: torch.optim.Optimizer) -> int:
+    """Bytes a model keeps between steps: parameters, gradients, buffers, optimizer state and
+    the CBN history."""
+    tensors = [*model.parameters(), *(p.grad for p in model.parameters()), *model.buffers()]
+    tensors += [t for state in optimizer.state.values() for t in state.values()
+                if isinstance(t, torch.Tensor)]
+    for _, layer in cbn_layers(model):
+        if layer.history is not None:
+            tensors += list(layer.history.tensors().values())
+    return _bytes(tensors)
+
+
+def cuda_step_memory(built: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    """Per variant: state bytes, the step's peak above them and the sum, and ratios to BN."""
+    memory: dict[str, Any] = {}
+    for name, step in built['variants'].items():
+        synchronize(device)
+        before = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        step()
+        synchronize(device)
+        state = state_bytes(built['models'][name], built['optimizers'][name])
+        peak = torch.cuda.max_memory_allocated(device) - before
+        memory[name] = {'state_bytes': state, 'step_peak_bytes': peak,
+                        'total_peak_bytes': state + peak}
+    for name in memory:
+        memory[name]['total_peak_bytes / bn'] = (memory[name]['total_peak_bytes']
+                                                 / memory['bn']['total_peak_bytes'])
+    return memory
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -133,9 +176,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         args.size, args.images, args.rois_per_image = (64, 64), 1, 32
         args.repeats, args.warmup = 1, 1
     device = setup_torch(args)
+    mmcv_ops = mmcv_ops_fallback.install()
     built = build_variants(args, device)
     timings = interleaved(built['variants'], args.repeats, device, warmup=args.warmup,
-                          clock=args.clock)
+                          clock=args.clock, calls=args.calls)
+    memory = cuda_step_memory(built, device) if device.type == 'cuda' else None
     ratios = {}
     for name, (num, den, bound) in TARGETS.items():
         if num not in timings:
@@ -144,11 +189,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         ratios[name] = {'value': value, 'target_max': bound, 'met': value <= bound}
     results = {**run_record(args, device),
                'configs': {k: str(v.relative_to(ROOT)) for k, v in CONFIGS.items()},
-               'cbn_layers': built['cbn_layers'], 'timings': timings, 'ratios': ratios}
+               'mmcv_ops': mmcv_ops, 'cbn_layers': built['cbn_layers'], 'timings': timings,
+               'ratios': ratios, 'memory': memory}
     print(f'Faster R-CNN R50-FPN 4conv1fc, {args.images} x {args.size[0]}x{args.size[1]} images, '
-          f"{built['cbn_layers']} CBN layers (neck + box head)")
+          f"{built['cbn_layers']} CBN layers (neck + box head), RoIAlign/NMS kernels: {mmcv_ops}")
     for name, t in timings.items():
-        print(f"  {name:<12}{t['median_s']:>8.2f} s (min {t['min_s']:.2f} s)")
+        print(f"  {name:<12}{t['median_s']:>8.4f} s (min {t['min_s']:.4f} s)")
+    for name, m in (memory or {}).items():
+        print(f"  {name:<12}peak {m['total_peak_bytes'] / 2 ** 20:>8.1f} MiB (state "
+              f"{m['state_bytes'] / 2 ** 20:.1f} + step {m['step_peak_bytes'] / 2 ** 20:.1f}), "
+              f"x{m['total_peak_bytes / bn']:.3f} BN")
     for name, r in ratios.items():
         print(f"  {name:<18}{r['value']:>6.3f}  (target <= {r['target_max']:.2f}: "
               f"{'met' if r['met'] else 'NOT met'})")

@@ -190,10 +190,11 @@ def build_variants(shape: tuple[int, int, int, int], device: torch.device,
 
 
 def measure_shape(shape: tuple[int, int, int, int], device: torch.device, repeats: int,
-                  seed: int, clock: str = 'wall', stride: int = 2) -> dict[str, Any]:
+                  seed: int, clock: str = 'wall', stride: int = 2,
+                  calls: int = 1) -> dict[str, Any]:
     """Timings (after ``WINDOW`` warm-up steps, so the CBN history is full) and ratios."""
     variants = build_variants(shape, device, seed, stride)
-    timings = interleaved(variants, repeats, device, warmup=WINDOW, clock=clock)
+    timings = interleaved(variants, repeats, device, warmup=WINDOW, clock=clock, calls=calls)
     ratios = {}
     for name, (num, den, bound) in TARGETS.items():
         value = ratio(timings, num, den)
@@ -321,7 +322,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     results: dict[str, Any] = {**run_record(args, device), 'shapes': {}, 'sampled_error': {}}
     for name in args.shapes:
         results['shapes'][name] = measure_shape(SHAPES[name], device, args.repeats, args.seed,
-                                                args.clock, args.grad_nu_stride)
+                                                args.clock, args.grad_nu_stride, args.calls)
     for name in args.shapes:
         results['sampled_error'][name] = sampled_error(SHAPES[name], device, args.sgd_steps,
                                                        args.seed, stride=args.grad_nu_stride)
