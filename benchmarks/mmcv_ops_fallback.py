@@ -27,9 +27,9 @@ def roi_align_forward(input: Tensor, rois: Tensor, output: Tensor, argmax_y: Ten
                       aligned: bool) -> None:
     """mmcv's ``roi_align_forward``: fill ``output`` (K, C, h, w) from ``input`` (B, C, H, W) and
     ``rois`` (K, 5) = (batch index, x1, y1, x2, y2). Average pooling (``pool_mode == 1``) only."""
+    _require_average_pooling(pool_mode)
     import torchvision
 
-    _require_average_pooling(pool_mode)
     output.copy_(torchvision.ops.roi_align(input, rois, (aligned_height, aligned_width),
                                            spatial_scale, sampling_ratio, aligned))
 
@@ -39,9 +39,9 @@ def roi_align_backward(grad_output: Tensor, rois: Tensor, argmax_y: Tensor, argm
                        spatial_scale: float, sampling_ratio: int, pool_mode: int,
                        aligned: bool) -> None:
     """mmcv's ``roi_align_backward``: fill ``grad_input`` (B, C, H, W) from ``grad_output``."""
+    _require_average_pooling(pool_mode)
     import torchvision  # noqa: F401  (registers torch.ops.torchvision)
 
-    _require_average_pooling(pool_mode)
     batch, channels, height, width = grad_input.shape
     grad_input.copy_(torch.ops.torchvision._roi_align_backward(
         grad_output, rois, spatial_scale, aligned_height, aligned_width, batch, channels, height,

@@ -63,6 +63,43 @@ def test_detector_step_quick(tmp_path: Path) -> None:
     assert result['cbn_layers'] > 0
     assert set(result['timings']) == {'bn', 'cbn_exact', 'cbn_sampled', 'cbn_burnin'}
     assert set(result['ratios']) == {'cbn_exact / bn', 'cbn_sampled / bn', 'cbn_burnin / bn'}
+    assert result['mmcv_ops'] == 'mmcv'  # the compiled ops are installed here
+    assert result['memory'] is None  # peak memory is measured on CUDA only
+
+
+def test_detector_state_bytes_counts_history_and_momentum() -> None:
+    """What a detector keeps between steps: parameters, gradients, buffers, SGD momentum and
+    the CBN history (one weight-sized G per slot and the small records)."""
+    sys.path.insert(0, str(BENCHMARKS))
+    from detector_step import state_bytes
+
+    from mmdet_cbn import CrossIterationBatchNorm2d, pair_cbn_layers
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, bias=False),
+                                CrossIterationBatchNorm2d(8, window_size=3))
+    pair_cbn_layers(model)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    before = state_bytes(model, optimizer)
+    for _ in range(2):
+        optimizer.zero_grad()
+        model(torch.randn(2, 3, 6, 6)).sum().backward()
+        optimizer.step()
+    params = sum(p.numel() for p in model.parameters()) * 4
+    history = sum(t.numel() * t.element_size() for t in model[1].history.tensors().values())
+    assert history >= 2 * model[0].weight.numel() * 4  # two slots of G
+    assert state_bytes(model, optimizer) - before == 2 * params + history  # grads, momentum
+
+
+def test_mmcv_ops_fallback_stands_in_only_where_the_ops_are_missing() -> None:
+    sys.path.insert(0, str(BENCHMARKS))
+    import mmcv_ops_fallback
+
+    assert mmcv_ops_fallback.install() == 'mmcv'  # compiled ops present: nothing replaced
+    with pytest.raises(NotImplementedError, match='deform_conv_forward'):
+        mmcv_ops_fallback._missing('deform_conv_forward')()
+    with pytest.raises(AttributeError):
+        mmcv_ops_fallback._missing('__path__')
+    with pytest.raises(NotImplementedError, match='max'):
+        mmcv_ops_fallback.roi_align_forward(*[None] * 9, pool_mode=0, aligned=True)
 
 
 def test_autograd_baseline_computes_the_same_cbn() -> None:
