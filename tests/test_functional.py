@@ -4,7 +4,7 @@ import torch
 from torch import nn
 
 from cbn_reference import compensated, conv_kwargs, stats_and_grads
-from mmdet_cbn.functional import (ConvGeometry, compensate, grad_nu_wrt_weight,
+from mmdet_cbn.functional import (ConvGeometry, all_finite, compensate, grad_nu_wrt_weight,
                                   mean_input_patch, past_sums, window_normalize)
 
 CONVS = {
@@ -139,3 +139,14 @@ def test_window_normalize_backward_is_the_autograd_of_eq_9_11():
     g = torch.randn(3, 4, 5, 5, dtype=torch.float64)
     torch.testing.assert_close(torch.autograd.grad(fused(y, w, b), (y, w, b), g),
                                torch.autograd.grad(composite(y, w, b), (y, w, b), g))
+
+
+def test_all_finite_flags_nan_and_both_infinities_only():
+    big = torch.full((3,), torch.finfo(torch.float32).max)  # finite, but its sum overflows
+    assert all_finite(big, torch.zeros(2, 2)).item()
+    assert all_finite(torch.full((4,), 6e4, dtype=torch.float16)).item()
+    for bad in (float('nan'), float('inf'), float('-inf')):
+        t = torch.ones(5)
+        t[3] = bad
+        assert not all_finite(torch.zeros(2), t).item()
+        assert not all_finite(t.double()).item()
