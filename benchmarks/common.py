@@ -14,7 +14,7 @@ import os
 import platform
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +23,8 @@ import torch
 from mmdet_cbn.testing import source_digest
 
 __all__ = ['CLOCKS', 'add_common_arguments', 'setup_torch', 'synchronize', 'time_call',
-           'interleaved', 'environment', 'run_record', 'write_json', 'ratio']
+           'interleaved', 'environment', 'run_record', 'write_json', 'ratio', 'tensor_bytes',
+           'cuda_step_peak']
 
 
 def add_common_arguments(parser: argparse.ArgumentParser, repeats: int | None,
@@ -105,6 +106,22 @@ def interleaved(variants: dict[str, Callable[[], Any]], repeats: int, device: to
             samples[name].append(time_call(variants[name], device, clock, calls))
     return {name: {'median_s': statistics.median(s), 'min_s': min(s), 'samples_s': s}
             for name, s in samples.items()}
+
+
+def tensor_bytes(tensors: Iterable[torch.Tensor | None]) -> int:
+    """Bytes held by ``tensors`` (None entries, e.g. absent gradients, count 0)."""
+    return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+
+
+def cuda_step_peak(step: Callable[[], Any], device: torch.device) -> int:
+    """Most bytes allocated on the CUDA ``device`` during ``step`` above those allocated before
+    it."""
+    synchronize(device)
+    before = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    step()
+    synchronize(device)
+    return torch.cuda.max_memory_allocated(device) - before
 
 
 def ratio(results: dict[str, dict[str, Any]], num: str, den: str) -> float:

@@ -31,8 +31,8 @@ from typing import Any
 
 import mmcv_ops_fallback
 import torch
-from common import (add_common_arguments, interleaved, ratio, run_record, setup_torch,
-                    synchronize, write_json)
+from common import (add_common_arguments, cuda_step_peak, interleaved, ratio, run_record,
+                    setup_torch, tensor_bytes, write_json)
 from torch import nn
 
 from mmdet_cbn import cbn_layers, pair_cbn_layers
@@ -117,10 +117,6 @@ def build_variants(args: argparse.Namespace, device: torch.device) -> dict[str, 
             'bn_layers': sum(isinstance(m, nn.BatchNorm2d) for m in models['bn'].modules())}
 
 
-def _bytes(tensors: Any) -> int:
-    return sum(t.numel() * t.element_size() for t in tensors if t is not None)
-
-
 def state_bytes(model: nn.Module, optimizer: torch.optim.Optimizer) -> int:
     """Bytes a model keeps between steps: parameters, gradients, buffers, optimizer state and
     the CBN history."""
@@ -130,20 +126,15 @@ def state_bytes(model: nn.Module, optimizer: torch.optim.Optimizer) -> int:
     for _, layer in cbn_layers(model):
         if layer.history is not None:
             tensors += list(layer.history.tensors().values())
-    return _bytes(tensors)
+    return tensor_bytes(tensors)
 
 
 def cuda_step_memory(built: dict[str, Any], device: torch.device) -> dict[str, Any]:
     """Per variant: state bytes, the step's peak above them and the sum, and ratios to BN."""
     memory: dict[str, Any] = {}
     for name, step in built['variants'].items():
-        synchronize(device)
-        before = torch.cuda.memory_allocated(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        step()
-        synchronize(device)
+        peak = cuda_step_peak(step, device)
         state = state_bytes(built['models'][name], built['optimizers'][name])
-        peak = torch.cuda.max_memory_allocated(device) - before
         memory[name] = {'state_bytes': state, 'step_peak_bytes': peak,
                         'total_peak_bytes': state + peak}
     for name in memory:

@@ -24,7 +24,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from common import add_common_arguments, run_record, setup_torch, synchronize, write_json
+from common import (add_common_arguments, cuda_step_peak, run_record, setup_torch,
+                    tensor_bytes, write_json)
 from layer_speed import QUICK_SHAPES, SHAPES, WINDOW, AutogradCBN, _cbn, _conv, _sgd
 from torch import nn
 from torch.profiler import ProfilerActivity, profile
@@ -34,16 +35,12 @@ from mmdet_cbn import CrossIterationBatchNorm2d, pair_cbn_layers
 MiB = 2 ** 20
 
 
-def _bytes(tensors: Any) -> int:
-    return sum(t.numel() * t.element_size() for t in tensors)
-
-
 def history_bytes(layer: CrossIterationBatchNorm2d) -> dict[str, int]:
     """Bytes of each tensor of the layer's history (empty before its first windowed step)."""
     history = layer.history
     if history is None:
         return {}
-    return {name: _bytes([t]) for name, t in history.tensors().items()}
+    return {name: tensor_bytes([t]) for name, t in history.tensors().items()}
 
 
 def layer_state(channels: int, window: int, device: torch.device) -> dict[str, Any]:
@@ -57,10 +54,10 @@ def layer_state(channels: int, window: int, device: torch.device) -> dict[str, A
         model(x).sum().backward()
         authors(x).sum().backward()
     per_tensor = history_bytes(model[1])
-    weight = _bytes([conv.weight])
+    weight = tensor_bytes([conv.weight])
     slots = window - 1
     total = sum(per_tensor.values())
-    authors_total = sum(_bytes(record) for record in authors.past)
+    authors_total = sum(tensor_bytes(record) for record in authors.past)
     return {
         'channels': channels,
         'window': window,
@@ -91,15 +88,6 @@ def _peak_cpu(step: Callable[[], None]) -> int:
     return max(m['Total Allocated'] for m in memory) - start
 
 
-def _peak_cuda(step: Callable[[], None], device: torch.device) -> int:
-    synchronize(device)
-    before = torch.cuda.memory_allocated(device)
-    torch.cuda.reset_peak_memory_stats(device)
-    step()
-    synchronize(device)
-    return torch.cuda.max_memory_allocated(device) - before
-
-
 def step_peaks(shape: tuple[int, int, int, int], device: torch.device,
                seed: int) -> dict[str, Any]:
     """Peak memory of a step of conv + BN / CBN exact / CBN sampled / the authors' approach.
@@ -125,7 +113,7 @@ def step_peaks(shape: tuple[int, int, int, int], device: torch.device,
         'cbn_sampled': paired(_cbn(c, device, grad_nu_stride=2)),
         'autograd_cbn': AutogradCBN(copy.deepcopy(conv), WINDOW).to(device),
     }
-    base = _bytes([x, grad_out])
+    base = tensor_bytes([x, grad_out])
     results: dict[str, Any] = {'shape': list(shape), 'input_bytes': base}
     for name, model in models.items():
         params = list(model.parameters())
@@ -137,12 +125,12 @@ def step_peaks(shape: tuple[int, int, int, int], device: torch.device,
 
         for _ in range(WINDOW):  # fill the history
             step()
-        peak = _peak_cuda(step, device) if device.type == 'cuda' else _peak_cpu(step)
-        state = _bytes([*model.parameters(), *model.buffers()])
+        peak = cuda_step_peak(step, device) if device.type == 'cuda' else _peak_cpu(step)
+        state = tensor_bytes([*model.parameters(), *model.buffers()])
         if isinstance(model, nn.Sequential) and isinstance(model[1], CrossIterationBatchNorm2d):
             state += sum(history_bytes(model[1]).values())
         elif isinstance(model, AutogradCBN):
-            state += sum(_bytes(record) for record in model.past)
+            state += sum(tensor_bytes(record) for record in model.past)
         results[name] = {'step_peak_bytes': peak, 'state_bytes': state,
                          'total_peak_bytes': base + state + peak}
     for name in ('cbn_exact', 'cbn_sampled', 'autograd_cbn'):
