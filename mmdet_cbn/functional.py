@@ -207,6 +207,15 @@ def all_finite(*tensors: Tensor) -> Tensor:
     return first == 0
 
 
+@functools.lru_cache(maxsize=256)
+def _zeros_and_ones(channels: int, device: torch.device, dtype: torch.dtype
+                    ) -> tuple[Tensor, Tensor]:
+    """Constant ``(C,)`` zeros and ones for :func:`_channel_sums` (read, never written)."""
+    with torch.inference_mode(False):
+        return (torch.zeros(channels, device=device, dtype=dtype),
+                torch.ones(channels, device=device, dtype=dtype))
+
+
 def _channel_sums(y: Tensor) -> tuple[Tensor, Tensor]:
     """``(sum y, sum y^2)`` per channel in one pass of BatchNorm's backward reduction kernel.
 
@@ -217,9 +226,7 @@ def _channel_sums(y: Tensor) -> tuple[Tensor, Tensor]:
     The CPU kernel reads mean and variance from the running-stat arguments, the CUDA kernel from
     the saved-stat ones (and needs a weight), so all get the same zeros and ones.
     """
-    c = y.shape[1]
-    dtype = stat_dtype(y)
-    zeros, ones = y.new_zeros(c, dtype=dtype), y.new_ones(c, dtype=dtype)
+    zeros, ones = _zeros_and_ones(y.shape[1], y.device, stat_dtype(y))
     _, sum_sq, sum_ = torch.ops.aten.native_batch_norm_backward(
         y, y, ones, zeros, ones, zeros, ones, False, 0.0, [False, True, True])
     return sum_, sum_sq
