@@ -6,7 +6,9 @@ package) into 10 classes. The task is made harder than plain digits: a small tra
 every image, train and test alike, randomly shifted by up to one pixel, rescaled in contrast,
 offset in brightness and covered in Gaussian noise (train corruptions are redrawn every epoch,
 test ones are fixed). The last stage works on 2x2 maps, so at one image per batch BN sees four
-values per channel there.
+values per channel there. ``--task pairs`` is a harder variant: two digits side by side (8x16
+images, 2x4 maps in the last stage) labelled with the two-digit number, 100 classes, with
+``4 x --train-size`` training pairs and 2,000 test pairs composed from the two digit splits.
 
 Normalizers: ``bn`` (BatchNorm2d), ``gn`` (GroupNorm, 8 groups), ``naive_cbn`` (CBN without
 compensation, the paper's ablation), ``cbn`` (CBN with the Taylor compensation) and ``cbn_bp``
@@ -55,12 +57,17 @@ LABELS = {'bn': 'BN', 'gn': 'GN', 'naive_cbn': 'Naive CBN', 'cbn': 'CBN',
 REFERENCE_BATCH = 16  # the CBN window is chosen so that window x batch >= this
 GN_GROUPS = 8
 TEST_CORRUPTION_SEED = 12345
+TASKS = ('digits', 'pairs')
+PAIRS_PER_TRAIN_DIGIT = 4
+TEST_PAIRS = 2000
+PAIRS_SEED = 1
 
 
 @dataclass(frozen=True)
 class Setting:
     """What every run of one benchmark shares."""
 
+    task: str
     train_size: int
     epochs: int
     lr: float
@@ -97,13 +104,33 @@ def _digits(train_size: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     return images[train], labels[train], images[test], labels[test]
 
 
+@lru_cache(maxsize=4)
+def _task_data(task: str, train_size: int) -> tuple[Tensor, Tensor, Tensor, Tensor, int]:
+    """Clean train and test images and labels of ``task``, and its number of classes.
+
+    ``pairs``: random pairs of digits of the same split side by side, labelled ``10 a + b``.
+    """
+    train_x, train_y, test_x, test_y = _digits(train_size)
+    if task == 'digits':
+        return train_x, train_y, test_x, test_y, 10
+    generator = torch.Generator().manual_seed(PAIRS_SEED)
+
+    def pairs(images: Tensor, labels: Tensor, n: int) -> tuple[Tensor, Tensor]:
+        left, right = torch.randint(len(labels), (2, n), generator=generator)
+        return (torch.cat([images[left], images[right]], dim=3),
+                10 * labels[left] + labels[right])
+
+    return (*pairs(train_x, train_y, PAIRS_PER_TRAIN_DIGIT * train_size),
+            *pairs(test_x, test_y, TEST_PAIRS), 100)
+
+
 def corrupt(images: Tensor, setting: Setting, generator: torch.Generator) -> Tensor:
     """Shift by up to one pixel, rescale contrast, offset brightness, add Gaussian noise."""
-    n = images.shape[0]
+    n, _, height, width = images.shape
     padded = F.pad(images, (1, 1, 1, 1))
     dy, dx = torch.randint(0, 3, (2, n), generator=generator)
-    rows = (dy[:, None] + torch.arange(8))[:, :, None].expand(n, 8, 8)
-    cols = (dx[:, None] + torch.arange(8))[:, None, :].expand(n, 8, 8)
+    rows = (dy[:, None] + torch.arange(height))[:, :, None].expand(n, height, width)
+    cols = (dx[:, None] + torch.arange(width))[:, None, :].expand(n, height, width)
     shifted = padded[torch.arange(n)[:, None, None], 0, rows, cols].unsqueeze(1)
     scale = 1 + setting.contrast * (2 * torch.rand(n, 1, 1, 1, generator=generator) - 1)
     offset = setting.brightness * (2 * torch.rand(n, 1, 1, 1, generator=generator) - 1)
@@ -114,7 +141,7 @@ def corrupt(images: Tensor, setting: Setting, generator: torch.Generator) -> Ten
 @lru_cache(maxsize=4)
 def _test_set(setting: Setting) -> tuple[Tensor, Tensor]:
     """The corrupted test set, the same for every run."""
-    _, _, images, labels = _digits(setting.train_size)
+    _, _, images, labels, _ = _task_data(setting.task, setting.train_size)
     generator = torch.Generator().manual_seed(TEST_CORRUPTION_SEED)
     return corrupt(images, setting, generator), labels
 
@@ -148,7 +175,8 @@ class BasicBlock(nn.Module):
 
 
 class SmallResNet(nn.Module):
-    """8x8 input -> stem (16 ch, 8x8) -> stages 16 ch 8x8, 32 ch 4x4, 64 ch 2x2 -> linear."""
+    """8x8 input -> stem (16 ch, 8x8) -> stages 16 ch 8x8, 32 ch 4x4, 64 ch 2x2 -> linear
+    (8x16 pairs: 2x4 maps in the last stage)."""
 
     def __init__(self, norm: str, num_classes: int = 10) -> None:
         super().__init__()
@@ -162,9 +190,10 @@ class SmallResNet(nn.Module):
         return self.fc(self.stages(self.stem(x)).mean((2, 3)))
 
 
-def build_model(norm: str, batch: int, iterations: int, burnin: float) -> nn.Module:
+def build_model(norm: str, batch: int, iterations: int, burnin: float,
+                num_classes: int = 10) -> nn.Module:
     """The classifier with ``norm``; CBN variants converted from BN with window ceil(16/batch)."""
-    model = SmallResNet('gn' if norm == 'gn' else 'bn')
+    model = SmallResNet('gn' if norm == 'gn' else 'bn', num_classes)
     if norm in CBN_OPTIONS:
         convert_cbn(model, window_size=window_for(batch),
                     burnin_iters=round(burnin * iterations), **CBN_OPTIONS[norm])
@@ -190,12 +219,13 @@ def run(job: Job) -> dict[str, Any]:
     """Train one model and return its test accuracy, loss curve and timing."""
     torch.set_num_threads(1)
     setting = job.setting
-    train_x, train_y, _, _ = _digits(setting.train_size)
+    train_x, train_y, _, _, num_classes = _task_data(setting.task, setting.train_size)
     test_x, test_y = _test_set(setting)
-    steps_per_epoch = setting.train_size // job.batch
+    train_size = len(train_y)
+    steps_per_epoch = train_size // job.batch
     iterations = steps_per_epoch * setting.epochs
     torch.manual_seed(job.seed)
-    model = build_model(job.norm, job.batch, iterations, setting.burnin)
+    model = build_model(job.norm, job.batch, iterations, setting.burnin, num_classes)
     lr = setting.lr * job.batch / REFERENCE_BATCH
     optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9,
                                 weight_decay=setting.weight_decay)
@@ -206,7 +236,7 @@ def run(job: Job) -> dict[str, Any]:
     for _ in range(setting.epochs):
         model.train()
         images = corrupt(train_x, setting, data_rng)
-        order = torch.randperm(setting.train_size, generator=data_rng)
+        order = torch.randperm(train_size, generator=data_rng)
         epoch_loss = 0.0
         for step in range(steps_per_epoch):
             index = order[step * job.batch:(step + 1) * job.batch]
@@ -256,7 +286,7 @@ def format_table(summary: dict[str, dict[str, dict[str, float]]], batches: list[
     return '\n'.join(lines)
 
 
-def plot(summary: dict[str, dict[str, dict[str, float]]], batches: list[int],
+def plot(summary: dict[str, dict[str, dict[str, float]]], batches: list[int], task: str,
          path: Path) -> None:
     """Accuracy against images per batch (log2 axis), error bars one std: Figure 1 style."""
     import matplotlib
@@ -274,7 +304,7 @@ def plot(summary: dict[str, dict[str, dict[str, float]]], batches: list[int],
     ax.invert_xaxis()
     ax.set_xlabel('images per batch')
     ax.set_ylabel('test accuracy (%)')
-    ax.set_title('Corrupted digits, small ResNet: accuracy vs batch size')
+    ax.set_title(f'Corrupted {task}, small ResNet: accuracy vs batch size')
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
@@ -291,8 +321,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument('--batch-sizes', nargs='+', type=int, default=[16, 8, 4, 2, 1])
     parser.add_argument('--seeds', type=int, default=3, help='seeds 0..N-1 per cell')
     parser.add_argument('--epochs', type=int, default=30)
+    parser.add_argument('--task', choices=TASKS, default='digits',
+                        help='digits (10 classes) or pairs of digits side by side (100 classes)')
     parser.add_argument('--train-size', type=int, default=320,
-                        help='training images (the rest of the 1797 digits are the test set)')
+                        help='training digits (the rest of the 1797 digits are the test set)')
     parser.add_argument('--lr', type=float, default=0.1, help='SGD lr for 16 images per batch')
     parser.add_argument('--weight-decay', type=float, default=5e-4)
     parser.add_argument('--burnin', type=float, default=0.25,
@@ -330,14 +362,15 @@ class _Serial:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Run every (norm, batch size, seed), print the table, write JSON and PNG."""
     args = parse_args(argv)
-    setting = Setting(args.train_size, args.epochs, args.lr, args.weight_decay, args.burnin,
-                      args.noise, args.contrast, args.brightness)
+    setting = Setting(args.task, args.train_size, args.epochs, args.lr, args.weight_decay,
+                      args.burnin, args.noise, args.contrast, args.brightness)
+    train_images = len(_task_data(args.task, args.train_size)[1])
     jobs = [Job(norm, batch, seed, setting) for seed in range(args.seeds)
             for batch in args.batch_sizes for norm in args.norms]
     # Longest first (small batches, CBN): better packing over the worker processes.
-    jobs.sort(key=lambda j: (-setting.train_size // j.batch, j.norm != 'cbn'))
+    jobs.sort(key=lambda j: (-train_images // j.batch, j.norm != 'cbn'))
     print(f'{len(jobs)} runs ({len(args.norms)} norms x {len(args.batch_sizes)} batch sizes x '
-          f'{args.seeds} seeds), {args.epochs} epochs of {args.train_size} images, '
+          f'{args.seeds} seeds), {args.epochs} epochs of {train_images} {args.task} images, '
           f'{args.jobs} parallel', flush=True)
     env = environment(torch.device('cpu'))  # at the start: the sources that are measured
     start = time.perf_counter()
@@ -364,7 +397,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                    environment=dict(env, jobs=args.jobs, worker_torch_threads=1,
                                     loadavg_at_end=list(os.getloadavg())))
     (args.out_dir / 'small_batch.json').write_text(json.dumps(payload, indent=2) + '\n')
-    plot(summary, args.batch_sizes, args.out_dir / 'small_batch.png')
+    plot(summary, args.batch_sizes, args.task, args.out_dir / 'small_batch.png')
     print(f'wrote {args.out_dir / "small_batch.json"} and {args.out_dir / "small_batch.png"}')
     return payload
 

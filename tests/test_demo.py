@@ -62,3 +62,28 @@ def test_small_batch_quick(tmp_path: Path) -> None:
     acc16 = {r['norm']: r['test_accuracy'] for r in results['runs'] if r['batch'] == 16}
     assert acc16['cbn'] == acc16['bn'] == acc16['naive_cbn'] == acc16['cbn_bp']
     assert _is_png(tmp_path / 'small_batch.png')
+
+
+def test_small_batch_pairs_task_composes_two_digits_into_100_classes(tmp_path: Path) -> None:
+    """``--task pairs``: each image is two digits of its split side by side, labelled 10 a + b."""
+    sys.path.insert(0, str(REPO / 'benchmarks'))
+    try:
+        import small_batch
+    finally:
+        sys.path.remove(str(REPO / 'benchmarks'))
+    digits_x, digits_y, test_digits_x, _ = small_batch._digits(100)
+    train_x, train_y, test_x, test_y, classes = small_batch._task_data('pairs', 100)
+    assert classes == 100 and train_x.shape == (400, 1, 8, 16) and test_x.shape[1:] == (1, 8, 16)
+    assert len(test_y) == small_batch.TEST_PAIRS and len(set(train_y.tolist())) > 50
+    for image, label in zip(train_x[:20], train_y[:20]):
+        for half, digit in ((image[..., :8], label // 10), (image[..., 8:], label % 10)):
+            same = (digits_x == half).flatten(1).all(1)  # the half is one of the train digits
+            assert same.any() and (digits_y[same] == digit).all()
+    test_digits = test_digits_x.flatten(1)
+    assert all((test_digits == image[..., :8].flatten()).all(1).any() for image in test_x[:20])
+
+    out = _run(['benchmarks/small_batch.py', '--quick', '--task', 'pairs', '--norms', 'bn',
+                'cbn', '--out-dir', str(tmp_path)], timeout=300)
+    assert '2 epochs of 256 pairs images' in out
+    results = json.loads((tmp_path / 'small_batch.json').read_text())
+    assert results['setting']['task'] == 'pairs' and len(results['runs']) == 4
