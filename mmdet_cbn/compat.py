@@ -20,7 +20,10 @@ it makes is listed here, with the reason; nothing in site-packages is edited.
    its default DDP wrapper passes ``device_ids=[LOCAL_RANK]``, which DDP rejects for CPU
    modules. :func:`setup_cpu_distributed` starts the gloo process group itself (the Runner then
    skips ``init_dist``) and sets ``model_wrapper_cfg`` without ``device_ids``. With CUDA it
-   does nothing.
+   does nothing. :func:`teardown_distributed` leaves the process group at the end of
+   ``tools/train.py`` and ``tools/test.py``, as PyTorch asks of distributed scripts (mmengine
+   never does): left to interpreter shutdown, gloo's threads once aborted a finished rank
+   with "terminate called without an active exception".
 """
 
 from __future__ import annotations
@@ -68,3 +71,9 @@ def setup_cpu_distributed(cfg) -> None:
         dist.init_process_group('gloo')
     if cfg.get('model_wrapper_cfg') is None:
         cfg.model_wrapper_cfg = dict(type='MMDistributedDataParallel', device_ids=None)
+
+
+def teardown_distributed() -> None:
+    """Destroy the default process group, if one is up (the end of a train or test run)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()

@@ -120,3 +120,18 @@ def test_load_checkpoint_and_missing_file(runner_checkpoint: Path) -> None:
     assert torch.equal(model.linear.weight, saved['linear.weight'])
     with pytest.raises(FileNotFoundError):
         compat.load_from_local(str(runner_checkpoint.with_name('missing.pth')))
+
+
+def test_teardown_distributed_leaves_the_process_group(tmp_path: Path) -> None:
+    import torch.distributed as dist
+
+    compat.teardown_distributed()  # nothing initialized: a no-op
+    dist.init_process_group('gloo', init_method=f'file://{tmp_path / "store"}', rank=0,
+                            world_size=1)
+    try:
+        assert dist.is_initialized()
+        compat.teardown_distributed()
+        assert not dist.is_initialized()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()

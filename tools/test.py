@@ -21,7 +21,7 @@ from mmdet.evaluation import DumpDetResults
 from mmdet.registry import RUNNERS
 from mmdet.utils import setup_cache_size_limit_of_dynamo
 
-from mmdet_cbn.compat import setup_cpu_distributed
+from mmdet_cbn.compat import setup_cpu_distributed, teardown_distributed
 
 
 # TODO: support fuse_conv_bn and format_only
@@ -153,6 +153,7 @@ def main():
 
     # start testing
     runner.test()
+    teardown_distributed()
 
 
 if __name__ == '__main__':

@@ -15,7 +15,7 @@ from mmengine.runner import Runner
 
 from mmdet.utils import setup_cache_size_limit_of_dynamo
 
-from mmdet_cbn.compat import setup_cpu_distributed
+from mmdet_cbn.compat import setup_cpu_distributed, teardown_distributed
 
 
 def parse_args():
@@ -124,6 +124,7 @@ def main():
 
     # start training
     runner.train()
+    teardown_distributed()
 
 
 if __name__ == '__main__':
