@@ -17,8 +17,9 @@ with ``grad_nu_stride=2``). CBN layers
 come from :func:`mmdet_cbn.convert_cbn` on the BN model. Each run trains for the same number of
 epochs whatever the batch size, with the learning rate linear in the batch size (``lr`` for 16
 images), as in the paper; the CBN window is ``ceil(16 / batch)`` (window x batch >= 16, so at
-16 images CBN *is* BN), after a burn-in of the first ``--burnin`` fraction of the iterations at
-window 1. All normalizers of one seed start from the same conv weights and see the same batches.
+16 images CBN *is* BN; ``--window`` sets one for every batch size), after a burn-in of the
+first ``--burnin`` fraction of the iterations at window 1. All normalizers of one seed start
+from the same conv weights and see the same batches.
 
 Prints a table of test accuracy (mean +- std over seeds) and writes ``small_batch.json`` and
 ``small_batch.png`` to ``--out-dir``. Usage::
@@ -76,6 +77,7 @@ class Setting:
     noise: float
     contrast: float
     brightness: float
+    window: int | None = None  # the CBN window; None: ceil(16 / batch)
 
 
 @dataclass(frozen=True)
@@ -191,18 +193,19 @@ class SmallResNet(nn.Module):
 
 
 def build_model(norm: str, batch: int, iterations: int, burnin: float,
-                num_classes: int = 10) -> nn.Module:
-    """The classifier with ``norm``; CBN variants converted from BN with window ceil(16/batch)."""
+                num_classes: int = 10, window: int | None = None) -> nn.Module:
+    """The classifier with ``norm``; CBN variants converted from BN with window ``window``
+    (default ceil(16 / batch))."""
     model = SmallResNet('gn' if norm == 'gn' else 'bn', num_classes)
     if norm in CBN_OPTIONS:
-        convert_cbn(model, window_size=window_for(batch),
+        convert_cbn(model, window_size=window or window_for(batch),
                     burnin_iters=round(burnin * iterations), **CBN_OPTIONS[norm])
     return model
 
 
-def window_for(batch: int) -> int:
-    """The CBN window: the smallest k with k x batch >= 16."""
-    return math.ceil(REFERENCE_BATCH / batch)
+def window_for(batch: int, window: int | None = None) -> int:
+    """The CBN window: ``window`` if given, else the smallest k with k x batch >= 16."""
+    return window or math.ceil(REFERENCE_BATCH / batch)
 
 
 # ---------------------------------------------------------------------------------- training
@@ -225,7 +228,8 @@ def run(job: Job) -> dict[str, Any]:
     steps_per_epoch = train_size // job.batch
     iterations = steps_per_epoch * setting.epochs
     torch.manual_seed(job.seed)
-    model = build_model(job.norm, job.batch, iterations, setting.burnin, num_classes)
+    model = build_model(job.norm, job.batch, iterations, setting.burnin, num_classes,
+                        setting.window)
     lr = setting.lr * job.batch / REFERENCE_BATCH
     optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9,
                                 weight_decay=setting.weight_decay)
@@ -250,10 +254,10 @@ def run(job: Job) -> dict[str, Any]:
     train_time = time.perf_counter() - start
     cpu_time = time.process_time() - cpu_start
     accuracy = evaluate(model, test_x, test_y)
-    return dict(norm=job.norm, batch=job.batch, seed=job.seed, window=window_for(job.batch)
-                if 'cbn' in job.norm else 1, lr=lr, iterations=iterations,
-                test_accuracy=accuracy, final_train_loss=losses[-1], epoch_train_loss=losses,
-                train_time_s=train_time, train_cpu_time_s=cpu_time,
+    window = window_for(job.batch, setting.window) if 'cbn' in job.norm else 1
+    return dict(norm=job.norm, batch=job.batch, seed=job.seed, window=window, lr=lr,
+                iterations=iterations, test_accuracy=accuracy, final_train_loss=losses[-1],
+                epoch_train_loss=losses, train_time_s=train_time, train_cpu_time_s=cpu_time,
                 time_per_iter_ms=1e3 * train_time / iterations,
                 cpu_time_per_iter_ms=1e3 * cpu_time / iterations)
 
@@ -327,6 +331,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help='training digits (the rest of the 1797 digits are the test set)')
     parser.add_argument('--lr', type=float, default=0.1, help='SGD lr for 16 images per batch')
     parser.add_argument('--weight-decay', type=float, default=5e-4)
+    parser.add_argument('--window', type=int, default=None,
+                        help='CBN window for every batch size (default: ceil(16 / batch))')
     parser.add_argument('--burnin', type=float, default=0.25,
                         help='fraction of the iterations with CBN window 1')
     parser.add_argument('--noise', type=float, default=0.2, help='std of the pixel noise')
@@ -363,7 +369,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Run every (norm, batch size, seed), print the table, write JSON and PNG."""
     args = parse_args(argv)
     setting = Setting(args.task, args.train_size, args.epochs, args.lr, args.weight_decay,
-                      args.burnin, args.noise, args.contrast, args.brightness)
+                      args.burnin, args.noise, args.contrast, args.brightness, args.window)
     train_images = len(_task_data(args.task, args.train_size)[1])
     jobs = [Job(norm, batch, seed, setting) for seed in range(args.seeds)
             for batch in args.batch_sizes for norm in args.norms]
@@ -387,12 +393,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     results.sort(key=lambda r: (args.norms.index(r['norm']), -r['batch'], r['seed']))
     summary = summarize(results, args.norms, args.batch_sizes)
     table = format_table(summary, args.batch_sizes)
-    print(f'\nTest accuracy (%), mean ± std over {args.seeds} seed(s); CBN window = '
-          f'ceil(16 / batch); {wall:.0f}s wall\n{table}')
+    window = args.window or 'ceil(16 / batch)'
+    print(f'\nTest accuracy (%), mean ± std over {args.seeds} seed(s); CBN window = {window}; '
+          f'{wall:.0f}s wall\n{table}')
 
     args.out_dir.mkdir(parents=True, exist_ok=True)
     payload = dict(setting=asdict(setting), batch_sizes=args.batch_sizes, norms=args.norms,
-                   seeds=args.seeds, windows={str(b): window_for(b) for b in args.batch_sizes},
+                   seeds=args.seeds, windows={str(b): window_for(b, args.window)
+                                              for b in args.batch_sizes},
                    summary=summary, table=table, runs=results, wall_time_s=wall,
                    environment=dict(env, jobs=args.jobs, worker_torch_threads=1,
                                     loadavg_at_end=list(os.getloadavg())))
