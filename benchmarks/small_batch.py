@@ -198,7 +198,7 @@ def build_model(norm: str, batch: int, iterations: int, burnin: float,
     (default ceil(16 / batch))."""
     model = SmallResNet('gn' if norm == 'gn' else 'bn', num_classes)
     if norm in CBN_OPTIONS:
-        convert_cbn(model, window_size=window or window_for(batch),
+        convert_cbn(model, window_size=window_for(batch, window),
                     burnin_iters=round(burnin * iterations), **CBN_OPTIONS[norm])
     return model
 
