@@ -7,7 +7,7 @@ install:
 	bash tools/install.sh
 
 demo: install
-	$(PYTHON) tools/demo.py
+	$(PYTHON) experiments/demo.py
 
 test: install
 	$(PYTHON) -m pytest -q

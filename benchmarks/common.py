@@ -9,6 +9,7 @@ jobs, single-threaded (``--threads 1``) CPU time leaves out the time spent desch
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import platform
@@ -20,7 +21,7 @@ from typing import Any
 
 import torch
 
-from mmdet_cbn.testing import source_digest
+import mmdet_cbn
 
 __all__ = ['CLOCKS', 'add_common_arguments', 'setup_torch', 'synchronize', 'time_call',
            'interleaved', 'environment', 'run_record', 'write_json', 'ratio', 'tensor_bytes',
@@ -127,6 +128,14 @@ def cuda_step_peak(step: Callable[[], Any], device: torch.device) -> int:
 def ratio(results: dict[str, dict[str, Any]], num: str, den: str) -> float:
     """Ratio of the medians of two timed variants."""
     return results[num]['median_s'] / results[den]['median_s']
+
+
+def source_digest() -> str:
+    """Short SHA-256 of the ``mmdet_cbn/*.py`` sources: which version of the layer was run."""
+    digest = hashlib.sha256()
+    for path in sorted(Path(mmdet_cbn.__file__).parent.glob('*.py')):
+        digest.update(path.read_bytes())
+    return digest.hexdigest()[:12]
 
 
 def _cpu_model() -> str:

@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import random
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from mmdet_cbn.datasets import make_digits_coco
+# The digits data generator lives with the demo in experiments/ (not part of the package).
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / 'experiments'))
+
+from digits_coco import make_digits_coco  # noqa: E402
 
 
 @pytest.fixture(scope='session')

@@ -19,7 +19,7 @@ from mmengine.runner import Runner
 from torch import nn
 
 from mmdet_cbn import CrossIterationBatchNorm2d
-from mmdet_cbn.testing import cpu_smoke_cfg
+from smoke import cpu_smoke_cfg
 
 CONFIG_DIR = Path(__file__).parents[1] / 'configs'
 CONFIGS = sorted(p for p in CONFIG_DIR.rglob('*.py') if '_base_' not in p.parts)

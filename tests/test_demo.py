@@ -1,4 +1,4 @@
-"""Smoke runs of the two evidence scripts: ``tools/demo.py --quick`` and
+"""Smoke runs of the two evidence scripts: ``experiments/demo.py --quick`` and
 ``benchmarks/small_batch.py --quick``, each in a subprocess, checking what they print and write.
 """
 from __future__ import annotations
@@ -25,7 +25,7 @@ def _is_png(path: Path) -> bool:
 
 
 def test_demo_quick(tmp_path: Path) -> None:
-    out = _run(['tools/demo.py', '--quick', '--work-dir', str(tmp_path)], timeout=600)
+    out = _run(['experiments/demo.py', '--quick', '--work-dir', str(tmp_path)], timeout=600)
     for label in ('| head BN |', '| head CBN |', '| head CBN, backprop_past_stats |'):
         assert label in out
     assert 'Epoch(train)' in out  # mmengine's progress output is shown

@@ -13,7 +13,7 @@ from mmdet.utils import register_all_modules
 from PIL import Image
 from pycocotools.coco import COCO
 
-from mmdet_cbn.datasets import DIGITS_CLASSES, make_digits_coco
+from digits_coco import DIGITS_CLASSES, make_digits_coco
 
 SPLITS = ('train', 'val')
 

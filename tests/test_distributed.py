@@ -10,7 +10,7 @@ from mmdet.registry import MODELS
 from mmdet.utils import register_all_modules
 
 from mmdet_cbn import cbn_layers
-from mmdet_cbn.testing import cpu_smoke_cfg
+from smoke import cpu_smoke_cfg
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / 'configs/cbn/faster-rcnn_r50_fpn_4conv1fc-cbn-head_1x_coco.py'

@@ -22,8 +22,8 @@ from mmdet.registry import DATASETS
 from mmdet.utils import register_all_modules
 from mmengine.runner import Runner
 
-from mmdet_cbn.datasets import DIGITS_CLASSES
-from mmdet_cbn.testing import cpu_smoke_cfg, load_mmdet_config
+from digits_coco import DIGITS_CLASSES
+from smoke import cpu_smoke_cfg, load_mmdet_config
 
 FASTER_RCNN = 'faster_rcnn/faster-rcnn_r50_fpn_1x_coco.py'
 MASK_RCNN = 'mask_rcnn/mask-rcnn_r50_fpn_1x_coco.py'

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from mmengine.config import Config
 
-from mmdet_cbn.testing import cpu_smoke_cfg
+from smoke import cpu_smoke_cfg
 
 REPO = Path(__file__).parents[1]
 CONFIG = REPO / 'configs' / 'cbn' / 'faster-rcnn_r50_fpn_4conv1fc-cbn-head_1x_coco.py'

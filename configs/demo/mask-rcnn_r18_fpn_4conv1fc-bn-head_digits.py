@@ -1,13 +1,13 @@
 # The paper's Mask R-CNN family (FPN, 4conv1fc box head, 4-conv mask head) scaled down to
 # train from scratch on a 2-core CPU: the handwritten-digits dataset of
-# mmdet_cbn.datasets.make_digits_coco (128 px images, 10 classes), a half-width ResNet-18,
+# experiments/digits_coco.py (128 px images, 10 classes), a half-width ResNet-18,
 # 64-channel neck and heads, 2 images per batch. The backbone normalizes with GroupNorm: like
 # the paper's frozen-BN ImageNet backbone, and unlike a BN backbone trained at 2 images, it
 # does not depend on which images share the batch, so only the head normalizer does.
 # BN in the FPN neck and the RoI box and mask heads ("head BN"); the CBN variant
 # (mask-rcnn_r18_fpn_4conv1fc-cbn-head_digits.py) changes only that norm and adds the hook.
-# Data: python tools/make_digits_coco.py data/digits_coco_demo --num-train 400 --num-val 100
-# (tools/demo.py generates it and trains both variants).
+# Data: python experiments/make_digits_coco.py data/digits_coco_demo --num-train 400 --num-val 100
+# (experiments/demo.py generates it and trains both variants).
 _base_ = '../_base_/mask-rcnn_r50_fpn_4conv1fc_1x_coco.py'
 
 width = 32  # ResNet base width (64 for the standard ResNet-18)

@@ -1,23 +1,21 @@
-"""Helpers for tests, demos and benchmarks: small CPU runs of mmdet configs on the digits
-dataset, and which version of the package a measurement ran.
+"""Test helper: small CPU runs of mmdet configs on the digits dataset.
 
 :func:`cpu_smoke_cfg` rewrites any mmdet 3.x detector config (mmdet's own
 ``faster-rcnn_r50_fpn_1x_coco`` / ``mask-rcnn_r50_fpn_1x_coco`` or configs that
 inherit them) so that it trains and evaluates in seconds to minutes on a CPU, on
-the dataset written by :func:`mmdet_cbn.datasets.make_digits_coco`.
+the dataset written by :func:`digits_coco.make_digits_coco` (``experiments/``).
 """
 
 from __future__ import annotations
 
 import copy
-import hashlib
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from mmengine.config import Config
 
-from .datasets import DIGITS_CLASSES
+from digits_coco import DIGITS_CLASSES
 
 # Norm layers that need a process group; a single CPU process uses plain BN.
 _SYNC_NORMS = frozenset({'SyncBN', 'MMSyncBN', 'NaiveSyncBN'})
@@ -171,7 +169,7 @@ def cpu_smoke_cfg(
 
     Args:
         cfg: An mmdet detector config.
-        data_root: Root written by :func:`mmdet_cbn.datasets.make_digits_coco`.
+        data_root: Root written by :func:`digits_coco.make_digits_coco` (``experiments/``).
         work_dir: Runner work directory (logs, checkpoints).
         img_scale: ``(w, h)`` scale that replaces every resize scale.
         max_iters_or_epochs: Length of training in the unit of the train loop.
@@ -214,10 +212,3 @@ def cpu_smoke_cfg(
         cfg.randomness = dict(seed=seed)
     return cfg
 
-
-def source_digest() -> str:
-    """Short SHA-256 of the ``mmdet_cbn/*.py`` sources: which version of the layer was run."""
-    digest = hashlib.sha256()
-    for path in sorted(Path(__file__).parent.glob('*.py')):
-        digest.update(path.read_bytes())
-    return digest.hexdigest()[:12]

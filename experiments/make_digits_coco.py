@@ -2,12 +2,12 @@
 
 Example::
 
-    python tools/make_digits_coco.py data/digits_coco --num-train 400 --num-val 100
+    python experiments/make_digits_coco.py data/digits_coco --num-train 400 --num-val 100
 """
 
 import argparse
 
-from mmdet_cbn.datasets import make_digits_coco
+from digits_coco import make_digits_coco
 
 
 def parse_args() -> argparse.Namespace:

@@ -1,6 +1,6 @@
 """Head BN against head CBN on a small real-image detection task, end to end on a CPU.
 
-1. Writes the handwritten-digits COCO dataset (:func:`mmdet_cbn.datasets.make_digits_coco`,
+1. Writes the handwritten-digits COCO dataset (:func:`digits_coco.make_digits_coco`,
    deterministic: seed 0) under ``<work-dir>/data``.
 2. Trains the demo Mask R-CNN (``configs/demo/``: half-width ResNet-18 from scratch with GN,
    FPN, 4conv1fc box head, 4-conv mask head, 128 px images, 2 images per batch) three times
@@ -14,8 +14,8 @@
 
 Usage::
 
-    python tools/demo.py            # about 15 minutes on a quiet 2-core CPU
-    python tools/demo.py --quick    # 1-2 minute smoke run (outputs in work_dirs/demo_quick)
+    python experiments/demo.py            # about 15 minutes on a quiet 2-core CPU
+    python experiments/demo.py --quick    # 1-2 minute smoke run (outputs in work_dirs/demo_quick)
 """
 from __future__ import annotations
 
@@ -28,6 +28,8 @@ import threading
 import time
 from pathlib import Path
 from typing import Any
+
+from digits_coco import make_digits_coco
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = {
@@ -69,10 +71,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def git_commit() -> str | None:
+    """The checked-out commit, with ``-dirty`` when there are uncommitted changes."""
+    def git(*args: str) -> str:
+        return subprocess.run(['git', *args], cwd=REPO, capture_output=True, text=True,
+                              check=True).stdout.strip()
+    try:
+        return git('rev-parse', '--short=12', 'HEAD') + ('-dirty' if git('status', '--porcelain')
+                                                          else '')
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
 def make_data(root: Path, num_train: int, num_val: int) -> dict[str, Any]:
     """Write the digits dataset (seed 0, 128 px) and return its summary."""
-    from mmdet_cbn.datasets import make_digits_coco
-
     info = make_digits_coco(root, num_train=num_train, num_val=num_val, image_size=128, seed=0)
     print(f"[demo] data: {num_train} train images ({info['num_train_instances']} digits), "
           f"{num_val} val images ({info['num_val_instances']} digits) in {root}", flush=True)
@@ -241,13 +253,11 @@ def plot(results: dict[str, dict[str, Any]], path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Generate data, train and evaluate every variant, report."""
-    from mmdet_cbn.testing import source_digest
-
     args = parse_args(argv)
     os.chdir(REPO)
     start = time.perf_counter()
     load_before = list(os.getloadavg())
-    sources = source_digest()
+    sources = git_commit()
     data_root = args.work_dir / 'data'
     data = make_data(data_root, args.num_train, args.num_val)
     results = {}
@@ -265,7 +275,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
           f'(total {total / 60:.1f} min)\n{table}')
     payload = dict(quick=args.quick, seed=args.seed, data=data, configs={
         k: str(v.relative_to(REPO)) for k, v in CONFIGS.items()}, results=results, table=table,
-        total_wall_time_s=total, mmdet_cbn_source_sha256=sources,
+        total_wall_time_s=total, git_commit=sources,
         loadavg_1_5_15_before=load_before,
         loadavg_1_5_15_after=list(os.getloadavg()), cpu_count=os.cpu_count())
     json_path = args.work_dir / 'demo_results.json'
