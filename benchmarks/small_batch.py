@@ -11,9 +11,9 @@ images, 2x4 maps in the last stage) labelled with the two-digit number, 100 clas
 ``4 x --train-size`` training pairs and 2,000 test pairs composed from the two digit splits.
 
 Normalizers: ``bn`` (BatchNorm2d), ``gn`` (GroupNorm, 8 groups), ``naive_cbn`` (CBN without
-compensation, the paper's ablation), ``cbn`` (CBN with the Taylor compensation) and ``cbn_bp``
-(the same with ``backprop_past_stats=True``); on request (``--norms``) ``cbn_sampled`` (CBN
-with ``grad_nu_stride=2``). CBN layers
+compensation, the paper's ablation), ``cbn`` (CBN with the Taylor compensation, exact gradient)
+and ``cbn_detached`` (the same with the authors' gradient, ``detach_compensation=True``); on
+request (``--norms``) ``cbn_sampled`` (CBN with ``grad_nu_stride=2``). CBN layers
 come from :func:`mmdet_cbn.convert_cbn` on the BN model. Each run trains for the same number of
 epochs whatever the batch size, with the learning rate linear in the batch size (``lr`` for 16
 images), as in the paper; the CBN window is ``ceil(16 / batch)`` (window x batch >= 16, so at
@@ -50,11 +50,12 @@ from mmdet_cbn import convert_cbn
 
 # CBN variants: the keyword arguments of convert_cbn besides window and burn-in.
 CBN_OPTIONS = {'naive_cbn': dict(compensation='none'), 'cbn': {},
-               'cbn_bp': dict(backprop_past_stats=True), 'cbn_sampled': dict(grad_nu_stride=2)}
+               'cbn_detached': dict(detach_compensation=True),
+               'cbn_sampled': dict(grad_nu_stride=2)}
 NORMS = ('bn', 'gn', *CBN_OPTIONS)
 DEFAULT_NORMS = NORMS[:5]
 LABELS = {'bn': 'BN', 'gn': 'GN', 'naive_cbn': 'Naive CBN', 'cbn': 'CBN',
-          'cbn_bp': 'CBN, backprop_past_stats', 'cbn_sampled': 'CBN, grad_nu_stride=2'}
+          'cbn_detached': 'CBN, detached (authors)', 'cbn_sampled': 'CBN, grad_nu_stride=2'}
 REFERENCE_BATCH = 16  # the CBN window is chosen so that window x batch >= this
 GN_GROUPS = 8
 TEST_CORRUPTION_SEED = 12345

@@ -6,7 +6,8 @@
    FPN, 4conv1fc box head, 4-conv mask head, 128 px images, 2 images per batch) three times
    with the same seed and schedule: BN in the neck and RoI heads; CBN there (window 8, so
    window x batch = 16, after a burn-in at window 1 driven by ``CBNBurnInHook``) with the
-   paper's gradient; and the same CBN with ``backprop_past_stats=True``. Each training runs
+   default, exact gradient; and the same CBN with the authors' detached gradient
+   (``detach_compensation=True``). Each training runs
    ``tools/train.py`` in a subprocess, so mmengine's progress output shows as usual.
 3. Reads each run's scalars (loss, time per iteration, ``CocoMetric`` bbox/segm mAP on the
    val split after the epochs that are validated), prints a table, and writes
@@ -35,9 +36,9 @@ REPO = Path(__file__).resolve().parents[1]
 CONFIGS = {
     'bn': REPO / 'configs/demo/mask-rcnn_r18_fpn_4conv1fc-bn-head_digits.py',
     'cbn': REPO / 'configs/demo/mask-rcnn_r18_fpn_4conv1fc-cbn-head_digits.py',
-    'cbn_bp': REPO / 'configs/demo/mask-rcnn_r18_fpn_4conv1fc-cbn-head-backprop-past_digits.py',
+    'cbn_detached': REPO / 'configs/demo/mask-rcnn_r18_fpn_4conv1fc-cbn-head-detached_digits.py',
 }
-LABELS = {'bn': 'head BN', 'cbn': 'head CBN', 'cbn_bp': 'head CBN, backprop_past_stats'}
+LABELS = {'bn': 'head BN', 'cbn': 'head CBN', 'cbn_detached': 'head CBN, detached (authors)'}
 METRICS = ('bbox_mAP', 'bbox_mAP_50', 'bbox_mAP_75', 'segm_mAP', 'segm_mAP_50', 'segm_mAP_75')
 # Iterations left out of the time per iteration (start-up, allocator warm-up).
 WARMUP_ITERS = 5

@@ -1,9 +1,9 @@
-"""mmdet-cbn: Cross-Iteration Batch Normalization (Yao et al., CVPR 2021) for MMDetection 3.x.
+"""mmdet-cbn: Cross-Iteration Batch Normalization (Yao et al., CVPR 2021) for OpenMMLab.
 
-Importing the package registers the norm layer ``'CBN'`` in the OpenMMLab model registry (so
-``norm_cfg=dict(type='CBN', window_size=4)`` works wherever mmcv builds a norm layer), the
-``CBNBurnInHook`` in the hook registry, and applies the fixes for the pinned stack
-(:mod:`mmdet_cbn.compat`).
+Importing the package registers, here and only here, the norm layer ``'CBN'`` in the OpenMMLab
+root model registry (so ``norm_cfg=dict(type='CBN', window_size=4)`` works wherever mmcv builds
+a norm layer) and ``CBNBurnInHook`` in the hook registry, and applies the fixes for the pinned
+stack (:mod:`mmdet_cbn.compat`).
 """
 from .cbn import CrossIterationBatchNorm2d
 from .pairing import cbn_layers, convert_cbn, pair_cbn_layers
@@ -17,11 +17,12 @@ try:
 except ImportError:  # the layer itself needs only torch
     pass
 else:
-    from mmengine.registry import MODELS
+    from mmengine.registry import HOOKS, MODELS
 
     from . import compat
     from .hooks import CBNBurnInHook
 
     MODELS.register_module('CBN', module=CrossIterationBatchNorm2d)
+    HOOKS.register_module(module=CBNBurnInHook)
     compat.apply()
     __all__ += ['CBNBurnInHook']

@@ -1,101 +1,26 @@
-"""``CrossIterationBatchNorm2d``: the CBN layer (history, running statistics, forward)."""
+"""``CrossIterationBatchNorm2d``: the CBN layer (state, call sites, forward)."""
 from __future__ import annotations
 
 import difflib
 import inspect
-import math
-from dataclasses import dataclass, fields
-from typing import Callable
+import itertools
+import re
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from .functional import (ConvGeometry, all_finite, compensate, grad_nu_wrt_weight,
-                         mean_input_patch, past_sums, stat_dtype, window_normalize)
+from .functional import (ConvGeometry, all_finite, record_statistics, stat_dtype,
+                         update_running_stats, window_normalize)
+from .history import FIELDS, History
+
+__all__ = ['CrossIterationBatchNorm2d']
 
 COMPENSATIONS = ('taylor', 'none')
-
-
-@dataclass
-class History:
-    """The statistics of the last ``S = window - 1`` iterations, kept in a ring buffer.
-
-    Per slot only what the compensation needs (``CBN_MATH.md``, "An identity that removes the
-    weight history"): no copy of old weights. Shapes, with ``g`` conv groups and
-    ``D = C_in / g * kh * kw``:
-
-    - ``xbar`` ``(S, g, D)``: mean input patch ``d mu / d W`` (empty for ``compensation='none'``);
-    - ``grad_nu`` ``(S, C, D)``: ``d nu / d W`` (empty for ``compensation='none'``);
-    - ``stats`` ``(S, 4, C)``: ``mu``, ``nu``, ``s = G . W`` and the conv bias at that time;
-    - ``count`` ``(S,)``: examples per channel ``M``; ``valid`` ``(S,)``: written and finite.
-    """
-
-    xbar: Tensor
-    grad_nu: Tensor
-    stats: Tensor
-    count: Tensor
-    valid: Tensor
-    cursor: int = 0
-    written: int = 0
-
-    @classmethod
-    def empty(cls, slots: int, channels: int, groups: int, depth: int, device: torch.device,
-              dtype: torch.dtype) -> 'History':
-        """Zero-filled, all-invalid history; ``depth = 0`` stores no weight-shaped tensors."""
-        def zeros(*shape: int) -> Tensor:
-            return torch.zeros(shape, device=device, dtype=dtype)
-        return cls(zeros(slots, groups, depth), zeros(slots, channels, depth),
-                   zeros(slots, 4, channels), zeros(slots),
-                   torch.zeros(slots, device=device, dtype=torch.bool))
-
-    @property
-    def slots(self) -> int:
-        return self.valid.shape[0]
-
-    def tensors(self) -> dict[str, Tensor]:
-        return {f.name: getattr(self, f.name) for f in fields(self)
-                if isinstance(getattr(self, f.name), Tensor)}
-
-    def map(self, fn: Callable[[Tensor], Tensor]) -> None:
-        """Apply ``fn`` (e.g. a device move) to every tensor, keeping the dtypes."""
-        for name, tensor in self.tensors().items():
-            setattr(self, name, fn(tensor).to(tensor.dtype))
-
-    @torch.no_grad()
-    def push(self, mu: Tensor, nu: Tensor, xbar: Tensor | None, grad_nu: Tensor | None,
-             grad_dot_weight: Tensor | None, conv_bias: Tensor | None, count: int,
-             valid: Tensor) -> None:
-        """Overwrite the oldest slot with the current iteration's record (no host sync)."""
-        i = self.cursor
-        stats = self.stats[i]
-        stats[0].copy_(mu)
-        stats[1].copy_(nu)
-        for row, value in ((2, grad_dot_weight), (3, conv_bias)):
-            if value is None:
-                stats[row].zero_()
-            else:
-                stats[row].copy_(value)
-        if xbar is not None:
-            self.xbar[i].copy_(xbar)
-            self.grad_nu[i].copy_(grad_nu)
-        self.count[i].fill_(count)  # a kernel argument: no host-to-device copy
-        self.valid[i] = valid
-        self.cursor = (i + 1) % self.slots
-        self.written = min(self.written + 1, self.slots)
-
-    def resized(self, slots: int) -> 'History':
-        """A history with ``slots`` slots holding the newest records of this one."""
-        order = [(self.cursor - 1 - j) % self.slots
-                 for j in range(min(slots, self.written))]
-        new = History(*(t.new_zeros((slots,) + t.shape[1:]) for t in self.tensors().values()))
-        for j, i in enumerate(reversed(order)):
-            for name, tensor in new.tensors().items():
-                tensor[j] = getattr(self, name)[i]
-        new.cursor = len(order) % slots
-        new.written = min(self.written, slots)
-        return new
+_RENAMED = {'backprop_past_stats': "the exact gradient is now the default; the authors' "
+                                   'detached variant is detach_compensation=True'}
+_layer_numbers = itertools.count()  # gives each layer's sampler its own seed
 
 
 def _unknown_arguments_message(unknown: dict) -> str:
@@ -104,7 +29,8 @@ def _unknown_arguments_message(unknown: dict) -> str:
     hints = []
     for key in unknown:
         close = difflib.get_close_matches(key, valid, n=1)
-        hints.append(f'{key!r}' + (f' (did you mean {close[0]!r}?)' if close else ''))
+        hint = _RENAMED.get(key) or (f'did you mean {close[0]!r}?' if close else None)
+        hints.append(f'{key!r}' + (f' ({hint})' if hint else ''))
     return (f"CBN (CrossIterationBatchNorm2d) got unknown argument(s) {', '.join(hints)}; "
             f"valid keys of norm_cfg=dict(type='CBN', ...) are {', '.join(valid)} and "
             'requires_grad')
@@ -129,72 +55,92 @@ class CrossIterationBatchNorm2d(_BatchNorm):
 
     In training the statistics of the current batch are aggregated with those of the previous
     ``window_size - 1`` iterations, each moved to the current weights of the preceding conv by
-    a first-order Taylor step (Eq. 7-10), then used as BatchNorm's (Eq. 11). Gradients flow only
-    through the current iteration (with ``backprop_past_stats=True`` also through the
-    compensation). With a window of 1 (and during burn-in) it *is* ``BatchNorm2d``; in eval
-    mode it normalizes with the running statistics, exactly as BN.
+    a first-order Taylor step (Eq. 7-10), then used as BatchNorm's (Eq. 11). With a window of
+    1 (and during burn-in) it *is* ``BatchNorm2d``; in eval mode it normalizes with the running
+    statistics, exactly as BN. The math, in the form implemented: ``docs/math.md``.
 
-    The layer needs the conv that produces its input: :func:`mmdet_cbn.pair_cbn_layers` (called
-    by :class:`mmdet_cbn.CBNBurnInHook` and :func:`mmdet_cbn.convert_cbn`) finds it.
+    **Gradient.** By default the exact gradient of this forward: through the current batch and
+    through the compensated past statistics' dependence on the current conv weight and bias
+    (``mu_hat = W(t) . Xbar + b(t)``, ``d var_hat / d W(t) = grad_var - 2 delta Xbar``); past
+    inputs and weights are constants. ``detach_compensation=True`` holds the compensated
+    statistics constant instead, as the authors' code does (``weight.data``).
 
-    Running statistics are updated, with ``momentum`` as in BN, from the *window-aggregated*
-    mean and variance, the variance unbiased by ``n / (n - 1)`` with ``n`` the number of
-    examples per channel over all aggregated iterations. Statistics and history are float32
-    (float64 for float64 inputs) whatever the input dtype.
+    **Pairing.** The layer needs the conv that produces its input:
+    :func:`mmdet_cbn.pair_cbn_layers` (called by :class:`mmdet_cbn.CBNBurnInHook` and
+    :func:`mmdet_cbn.convert_cbn`) finds it. At the first windowed step the layer checks once
+    that the conv's output is ``conv2d(input, weight, bias)`` with its geometry, so a conv that
+    transforms its weight or input (weight standardization, adaptive padding) is an error.
+
+    **Iterations and call sites.** A layer may run several times per iteration (a head shared
+    by the FPN levels); its n-th call of an iteration is aggregated with the n-th calls of the
+    previous iterations only, each call site with its own history. An iteration starts at the
+    first training call after :meth:`new_iteration` (``CBNBurnInHook`` calls it before every
+    training iteration); without that, after a backward pass has run through the layer, or
+    after a call whose output needs no gradient. Every micro-batch of gradient accumulation is
+    an iteration: with unchanged weights the compensation is exact, and the window pools the
+    micro-batches. A gradient-checkpointing recomputation (detected as a forward inside a
+    backward pass) reproduces its first forward and changes no state. ``steps``,
+    ``burnin_iters`` and the window count iterations.
+
+    **Running statistics** are updated at every call, as BN does, with ``momentum``, from the
+    window's mean and variance, the variance unbiased by ``n / (n - 1)`` with ``n`` the examples
+    per channel over the window. A call with non-finite statistics changes neither them nor the
+    history (it counts in ``nonfinite_batches``). History and statistics of the window are
+    float32 (float64 for float64 inputs) whatever the input or module dtype.
 
     Args:
         num_features: channels ``C`` of the input ``(N, C, H, W)``.
         eps, momentum, affine, track_running_stats: as in ``torch.nn.BatchNorm2d``.
         window_size: iterations aggregated, the current one included (``k``, paper default 4).
         compensation: ``'taylor'`` (CBN) or ``'none'`` (the paper's Naive CBN).
-        burnin_iters: training iterations with window 1 before the full window is used; ignored
-            while a hook sets the window (:meth:`set_window`).
-        backprop_past_stats: also back-propagate through the compensated past statistics, i.e.
-            through their dependence on the current conv weight ``W(t)`` (Eq. 7, 8: ``mu_hat =
-            W(t) . Xbar + b(t)``, ``d nu_hat / d W(t) = G``). The paper and the authors' code
-            treat them as constants (default ``False``); then directions of ``W`` that the
-            compensated forward ignores (e.g. a shift of a channel's mean) still get gradient,
-            and at a high learning rate the conv output can drift away from the running
-            statistics that eval mode uses. ``True`` gives the exact gradient of the forward
-            (past inputs fixed) at the cost of one small batched product per layer and a copy
-            of the history per step. Without compensation (Naive CBN) there is nothing to
-            differentiate and it has no effect.
-        grad_nu_stride: ``s > 1`` estimates ``d nu / d W`` from ``1 / s^2`` of the examples
-            with a random offset per iteration (unbiased, ``s^2`` times cheaper): every
+        burnin_iters: the first iterations use window 1; ignored while a hook sets the window
+            (:meth:`set_window`).
+        grad_nu_stride: ``s > 1`` estimates ``d var / d W`` from ``1 / s^2`` of the examples,
+            drawn by the layer's own generator (unbiased, ``s^2`` times cheaper): every
             ``s^2``-th image or RoI when there are at least ``4 s^2`` of them (RoI heads), else
             every ``s``-th output position in each direction (FPN levels).
+        detach_compensation: hold the compensated past statistics constant in the backward
+            (the authors' code) instead of the exact gradient. No effect without compensation.
     """
 
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1,
                  affine: bool = True, track_running_stats: bool = True, window_size: int = 4,
                  compensation: str = 'taylor', burnin_iters: int = 0, grad_nu_stride: int = 1,
-                 backprop_past_stats: bool = False, device=None, dtype=None, **unknown) -> None:
+                 detach_compensation: bool = False, device=None, dtype=None,
+                 **unknown) -> None:
         if unknown:
             raise TypeError(_unknown_arguments_message(unknown))
         super().__init__(num_features, eps, momentum, affine, track_running_stats, device,
                          dtype)
-        if not isinstance(window_size, int) or window_size < 1:
-            raise ValueError(f'CBN window_size must be an integer >= 1 (1 = plain BN), got '
-                             f'{window_size!r}')
+        for name, value, low in (('window_size', window_size, 1),
+                                 ('burnin_iters', burnin_iters, 0),
+                                 ('grad_nu_stride', grad_nu_stride, 1)):
+            if not isinstance(value, int) or value < low:
+                raise ValueError(f'CBN {name} must be an integer >= {low}, got {value!r}')
         if compensation not in COMPENSATIONS:
             raise ValueError(f'CBN compensation must be one of {COMPENSATIONS} '
                              f"('none' = Naive CBN), got {compensation!r}")
-        if not isinstance(burnin_iters, int) or burnin_iters < 0:
-            raise ValueError(f'CBN burnin_iters must be an integer >= 0, got {burnin_iters!r}')
-        if not isinstance(grad_nu_stride, int) or grad_nu_stride < 1:
-            raise ValueError(f'CBN grad_nu_stride must be an integer >= 1, got '
-                             f'{grad_nu_stride!r}')
         self.window_size = window_size
         self.compensation = compensation
         self.burnin_iters = burnin_iters
         self.grad_nu_stride = grad_nu_stride
-        self.backprop_past_stats = bool(backprop_past_stats)
+        self.detach_compensation = bool(detach_compensation)
         self.window_override: int | None = None
         self.steps = 0
-        self.history: History | None = None
         self.nonfinite_batches = torch.zeros((), dtype=torch.long, device=device)
         self.layer_name = type(self).__name__
+        self.histories: list[History | None] = []
+        self._site_shapes: list[torch.Size] = []
+        self._call_index = 0
+        self._explicit_iterations = False
+        self._iteration_ended = True  # the next training call starts an iteration
+        self._sampler: torch.Generator | None = None
+        if grad_nu_stride > 1:
+            self._sampler = torch.Generator().manual_seed(
+                torch.initial_seed() + next(_layer_numbers))
         self._conv: nn.Conv2d | None = None
+        self._geometry: ConvGeometry | None = None
+        self._conv_verified = False
         self._conv_io: tuple[Tensor, Tensor] | None = None
 
     # ------------------------------------------------------------------ configuration
@@ -202,25 +148,42 @@ class CrossIterationBatchNorm2d(_BatchNorm):
         return (f'{super().extra_repr()}, window_size={self.window_size}, '
                 f'compensation={self.compensation!r}, burnin_iters={self.burnin_iters}'
                 + (f', grad_nu_stride={self.grad_nu_stride}' if self.grad_nu_stride > 1 else '')
-                + (', backprop_past_stats=True' if self.backprop_past_stats else ''))
+                + (', detach_compensation=True' if self.detach_compensation else ''))
 
     def _check_input_dim(self, input: Tensor) -> None:
         if input.dim() != 4:
             raise ValueError(f'{self.layer_name}: expected a 4-d input (N, C, H, W), got '
                              f'{input.dim()}-d')
 
-    @property
-    def window(self) -> int:
-        """The window in use: the hook's if set, else 1 during ``burnin_iters``, else k."""
+    def window_at(self, iteration: int) -> int:
+        """The window of the (1-based) training iteration: the hook's if set, else 1 during
+        ``burnin_iters``, else ``window_size``."""
         if self.window_override is not None:
             return self.window_override
-        return 1 if self.steps < self.burnin_iters else self.window_size
+        return 1 if iteration <= self.burnin_iters else self.window_size
+
+    @property
+    def window(self) -> int:
+        """The window the next training call uses."""
+        return self.window_at(self.steps + self._iteration_ended)
 
     def set_window(self, window: int | None) -> None:
         """Fix the window in use (a burn-in hook calls this); None returns to ``burnin_iters``."""
         if window is not None and (not isinstance(window, int) or window < 1):
             raise ValueError(f'{self.layer_name}: window must be an integer >= 1, got {window!r}')
         self.window_override = window
+
+    def new_iteration(self) -> None:
+        """Start a new iteration at the next training call; from now on only this does.
+
+        ``CBNBurnInHook`` calls it before every training iteration of an mmengine run."""
+        self._explicit_iterations = True
+        self._iteration_ended = True
+
+    @property
+    def num_call_sites(self) -> int:
+        """How many times the layer ran in its last training iteration."""
+        return len(self._site_shapes)
 
     @property
     def paired_conv(self) -> nn.Conv2d | None:
@@ -235,7 +198,7 @@ class CrossIterationBatchNorm2d(_BatchNorm):
         if conv.out_channels != self.num_features:
             raise ValueError(f'{self.layer_name}: conv has {conv.out_channels} output channels, '
                              f'CBN has {self.num_features}')
-        ConvGeometry.of(conv)
+        geometry = ConvGeometry.of(conv)
         if name is not None:
             self.layer_name = name
         if self._conv is conv:
@@ -244,101 +207,146 @@ class CrossIterationBatchNorm2d(_BatchNorm):
             raise RuntimeError(f'{self.layer_name} is already paired with another conv')
         conv.register_forward_hook(_ConvTap(self))
         object.__setattr__(self, '_conv', conv)  # a reference, not a child module
-
-    # ------------------------------------------------------------------ state
-    def _apply(self, fn, recurse=True):
-        super()._apply(fn, recurse)
-        self.nonfinite_batches = fn(self.nonfinite_batches)
-        if self.history is not None:
-            self.history.map(fn)
-        return self
-
-    def _save_to_state_dict(self, destination, prefix, keep_vars):
-        super()._save_to_state_dict(destination, prefix, keep_vars)
-        destination[prefix + 'cbn_steps'] = torch.tensor(self.steps)
-        if self.history is not None:
-            for name, tensor in self.history.tensors().items():
-                destination[f'{prefix}cbn_history.{name}'] = tensor.clone()
-            destination[prefix + 'cbn_history.cursor'] = torch.tensor(
-                [self.history.cursor, self.history.written])
-
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
-                              unexpected_keys, error_msgs):
-        steps = state_dict.pop(prefix + 'cbn_steps', None)
-        names = [f.name for f in fields(History) if f.name != 'written']
-        stored = {n: state_dict.pop(f'{prefix}cbn_history.{n}') for n in names
-                  if f'{prefix}cbn_history.{n}' in state_dict}
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
-                                      unexpected_keys, error_msgs)
-        if steps is not None:
-            self.steps = int(steps)
-        if len(stored) == len(names):
-            cursor, written = (int(v) for v in stored.pop('cursor'))
-            device = self.nonfinite_batches.device
-            self.history = History(**{n: t.to(device) for n, t in stored.items()},
-                                   cursor=cursor, written=written)
-        elif stored:
-            error_msgs.append(f'{prefix}: incomplete CBN history in the state dict '
-                              f'(has {sorted(stored)})')
-        else:
-            self.history = None
+        self._geometry = geometry
 
     # ------------------------------------------------------------------ forward
-    def _take_conv_io(self, y: Tensor) -> tuple[Tensor, Tensor] | None:
-        io, self._conv_io = self._conv_io, None
-        if io is not None and io[1] is y:
-            return io
-        return None
-
     def forward(self, input: Tensor) -> Tensor:
         self._check_input_dim(input)
-        conv_io = self._take_conv_io(input)
+        conv_io, self._conv_io = self._conv_io, None
+        if conv_io is not None and conv_io[1] is not input:
+            conv_io = None
         if not self.training:
-            return self._batch_norm(input)
-        if input.numel() == 0:
-            return self._empty_forward(input)
-        self.steps += 1
-        window = self.window
-        if window == 1:
-            self.history = None
-            return self._guarded_batch_norm(input)
-        if self.compensation == 'taylor' and conv_io is None:
-            raise RuntimeError(self._unpaired_message())
-        with torch.autocast(input.device.type, enabled=False):  # statistics in float32
-            return self._cross_iteration_forward(input, conv_io, window)
+            return super().forward(input)
+        recomputing = torch._C._current_graph_task_id() != -1
+        site, steps = self._call_site(input, recomputing)
+        window = self.window_at(steps)
+        if input.numel() == 0:  # e.g. a RoI head without RoIs: touch no statistic
+            out = self._empty_forward(input)
+        elif window == 1:
+            self.histories.clear()
+            out = self._forward_window(input, None, None, site, steps, recomputing)
+        else:
+            if self.compensation == 'taylor' and not recomputing:
+                self._verify_conv(conv_io)
+            out = self._forward_window(input, conv_io, self._history(site, window, input), site,
+                                       steps, recomputing)
+        if not recomputing:
+            self._end_call(site, steps, input, out)
+        return out
 
-    def _batch_norm(self, input: Tensor) -> Tensor:
-        """Exactly ``BatchNorm2d.forward`` (the window-1 and eval path)."""
-        return super().forward(input)
+    def _call_site(self, input: Tensor, recomputing: bool) -> tuple[int, int]:
+        """``(call site, iteration)`` of this call; commits the records of the last iteration
+        when this call starts a new one (nothing else changes until the call succeeds)."""
+        if recomputing:
+            sites = [i for i, shape in enumerate(self._site_shapes) if shape == input.shape]
+            if len(sites) != 1:
+                raise RuntimeError(
+                    f'{self.layer_name}: a gradient-checkpointing recomputation of a CBN layer '
+                    f'called {len(self._site_shapes)} times per iteration, {len(sites)} of them '
+                    f'with input shape {tuple(input.shape)}: its call site is ambiguous. Fix: '
+                    'keep this layer out of the checkpointed segment, or use BN/GN there.')
+            return sites[0], self.steps
+        if not self._iteration_ended:
+            return self._call_index, self.steps
+        for history in self.histories:
+            if history is not None:
+                history.commit()
+        return 0, self.steps + 1
+
+    def _end_call(self, site: int, steps: int, input: Tensor, out: Tensor) -> None:
+        if site == 0:
+            self._site_shapes.clear()
+            self._iteration_ended = False
+        self._site_shapes.append(input.shape)
+        self.steps, self._call_index = steps, site + 1
+        if not out.requires_grad and not self._explicit_iterations:
+            self._iteration_ended = True  # no backward will come to tell
+
+    def _on_backward(self) -> None:
+        if not self._explicit_iterations:
+            self._iteration_ended = True
 
     def _empty_forward(self, input: Tensor) -> Tensor:
-        """An empty batch (e.g. a RoI head with no RoIs): keep the graph, touch no statistic."""
         if not self.affine:
             return input.clone()
-        return input * self.weight.view(1, -1, 1, 1) + self.bias.view(1, -1, 1, 1)
+        out = input * self.weight.view(1, -1, 1, 1) + self.bias.view(1, -1, 1, 1)
+        if out.requires_grad:
+            out.register_hook(lambda grad: self._on_backward())
+        return out
 
-    def _guarded_batch_norm(self, input: Tensor) -> Tensor:
-        """``BatchNorm2d``'s training forward, but a non-finite batch leaves the running stats.
+    def _history(self, site: int, window: int, input: Tensor) -> History:
+        taylor = self.compensation == 'taylor'
+        shape = (self.num_features, self._geometry.groups if taylor else 1,
+                 self._geometry.depth if taylor else 0)
+        self.histories += [None] * (site + 1 - len(self.histories))
+        history = self.histories[site]
+        if history is None or history.shape != shape:
+            history = History(window - 1, *shape, input.device, stat_dtype(input))
+        elif history.slots != window - 1:
+            history = history.resized(window - 1)
+        self.histories[site] = history
+        return history
 
-        BN updates the running statistics in place inside the kernel; here it updates copies,
-        which are committed only where finite (no host sync).
-        """
-        if not self.track_running_stats:
-            return self._batch_norm(input)
-        self.num_batches_tracked.add_(1)
-        factor = (1.0 / float(self.num_batches_tracked) if self.momentum is None
-                  else self.momentum)
-        mean, var = self.running_mean.clone(), self.running_var.clone()
-        out = F.batch_norm(input, mean, var, self.weight, self.bias, True, factor, self.eps)
-        self._commit_running_stats(mean, var, all_finite(mean, var))
+    def _forward_window(self, y: Tensor, conv_io: tuple[Tensor, Tensor] | None,
+                        history: History | None, site: int, steps: int,
+                        recomputing: bool) -> Tensor:
+        """Eq. 7-11 with the window of ``history`` (None: plain BN), then the call's record."""
+        count = y.numel() // y.shape[1]
+        if count == 1 and (history is None or history.filled == 0):
+            raise ValueError(f'{self.layer_name}: expected more than 1 value per channel when '
+                             f'training with no past statistics yet (input {tuple(y.shape)}); '
+                             'use a larger batch or feature map, or GroupNorm')
+        taylor = history is not None and self.compensation == 'taylor'
+        weight = bias = None
+        if taylor:
+            weight, bias = self._conv.weight, self._conv.bias
+            if self.detach_compensation:
+                weight, bias = weight.detach(), None if bias is None else bias.detach()
+        past = history.past(taylor) if history is not None and history.filled else None
+        with torch.autocast(y.device.type, enabled=False) if _autocast_on(y) else _nothing():
+            out, mean, var, mu_bar, var_bar = window_normalize(
+                y, self.weight, self.bias, self.eps, weight=weight, bias=bias, past=past,
+                on_backward=self._on_backward)
+            if not recomputing:
+                self._commit(y, conv_io, history, mean, var, mu_bar, var_bar, count, past)
         return out
 
     @torch.no_grad()
-    def _commit_running_stats(self, mean: Tensor, var: Tensor, finite: Tensor) -> None:
-        self.running_mean.copy_(torch.where(finite, mean, self.running_mean))
-        self.running_var.copy_(torch.where(finite, var, self.running_var))
-        self.nonfinite_batches.add_(~finite)
+    def _commit(self, y: Tensor, conv_io: tuple[Tensor, Tensor] | None,
+                history: History | None, mean: Tensor, var: Tensor, mu_bar: Tensor,
+                var_bar: Tensor, count: int, past) -> None:
+        """Record this call for the next iterations and update the running statistics; a
+        call with non-finite statistics changes neither (no host sync)."""
+        pending = None
+        if history is not None:
+            taylor = self.compensation == 'taylor'
+            record = record_statistics(
+                conv_io[0] if taylor else None, y, mean, var,
+                self._conv.weight.detach() if taylor else None,
+                self._geometry if taylor else None, grad_stride=self.grad_nu_stride,
+                draw=self._draw())
+            pending = history.pack(record)
+        keep = all_finite(*([pending] if pending is not None else [mean, var]), mu_bar, var_bar)
+        if history is not None:
+            history.pending = torch.where(keep, pending, 0)
+        self.nonfinite_batches.add_(keep.logical_not())
+        if not self.track_running_stats:
+            return
+        self.num_batches_tracked.add_(1)
+        factor = (self.momentum if self.momentum is not None
+                  else 1.0 / self.num_batches_tracked.to(mean.dtype))
+        total = count if past is None else history.count.sum() + count
+        update_running_stats(self.running_mean, self.running_var, mu_bar, var_bar,
+                             count=total, factor=factor, keep=keep)
 
+    def _draw(self) -> tuple[int, int]:
+        """Offsets for the sampled ``d var / d W`` from the layer's own generator."""
+        if self._sampler is None:
+            return (0, 0)
+        high = self.grad_nu_stride ** 2
+        return tuple(int(v) for v in torch.randint(high, (2,), generator=self._sampler))
+
+    # ------------------------------------------------------------------ checks
     def _unpaired_message(self) -> str:
         return (f"CBN layer '{self.layer_name}' did not receive the input and weight of the "
                 'convolution that produces its input, which the Taylor compensation needs. '
@@ -347,91 +355,97 @@ class CrossIterationBatchNorm2d(_BatchNorm):
                 ', ...)]), and make sure the layer directly follows an nn.Conv2d; or use '
                 "compensation='none' (Naive CBN), which needs no conv.")
 
-    def _cross_iteration_forward(self, y: Tensor, conv_io: tuple[Tensor, Tensor] | None,
-                                 window: int) -> Tensor:
-        count = y.numel() // self.num_features
-        taylor = self.compensation == 'taylor'
-        conv = self._conv
-        geometry = ConvGeometry.of(conv) if taylor else None
-        groups = geometry.groups if taylor else 1
-        depth = math.prod(geometry.weight_shape[1:]) if taylor else 0
-        history = self._history_for(window, groups, depth, y.device, stat_dtype(y))
-        if count == 1 and history.written == 0:
-            raise ValueError(f'{self.layer_name}: expected more than 1 value per channel when '
-                             f'training with no past statistics yet (input {tuple(y.shape)}); '
-                             'use a larger batch or feature map, or GroupNorm')
-        weight = conv.weight.detach() if taylor else None
-        conv_bias = conv.bias.detach() if taylor and conv.bias is not None else None
-        xbar, grad_nu, stats, valid = history.xbar, history.grad_nu, history.stats, history.valid
-        live_weight, live_bias = weight, conv_bias  # detached: the paper's constant past stats
-        if taylor and self.backprop_past_stats and history.written > 0:
-            # Copies, as autograd keeps them and this step's record overwrites a slot; invalid
-            # (non-finite) records are zeroed, so that no NaN * 0 reaches the weight gradient.
-            keep = valid.view(-1, 1, 1)
-            xbar, grad_nu, stats = (torch.where(keep, t, 0) for t in (xbar, grad_nu, stats))
-            valid = valid.clone()
-            live_weight, live_bias = conv.weight, conv.bias
-        if taylor:
-            mu_hat, nu_hat = compensate(live_weight, live_bias, xbar, grad_nu,
-                                        stats[:, 1], stats[:, 0], stats[:, 2], stats[:, 3])
-        else:
-            mu_hat, nu_hat = stats[:, 0], stats[:, 1]
-        past_mu, past_nu, k = past_sums(mu_hat, nu_hat, valid)
-        out, mu, nu, mu_bar, var_bar = window_normalize(
-            y, self.weight, self.bias, past_mu, past_nu, k, self.eps)
-        finite = all_finite(mu, nu)
-        total = count + (history.count * history.valid).sum()
-        self._update_running_stats(mu_bar, var_bar, total, finite)
-        self._record(history, conv_io, y, mu, nu, weight, conv_bias, geometry, count, finite)
-        return out
-
-    def _history_for(self, window: int, groups: int, depth: int, device: torch.device,
-                     dtype: torch.dtype) -> History:
-        slots = window - 1
-        history = self.history
-        if history is None or history.xbar.shape[1:] != (groups, depth):
-            history = History.empty(slots, self.num_features, groups, depth, device, dtype)
-        elif history.slots != slots:
-            history = history.resized(slots)
-        self.history = history
-        return history
-
-    @torch.no_grad()
-    def _update_running_stats(self, mean: Tensor, var: Tensor, total: Tensor,
-                              finite: Tensor) -> None:
-        if not self.track_running_stats:
+    def _verify_conv(self, conv_io: tuple[Tensor, Tensor] | None) -> None:
+        """Once: the paired conv's output is ``conv2d(input, weight, bias)`` (one image)."""
+        if conv_io is None:
+            raise RuntimeError(self._unpaired_message())
+        if self._conv_verified or conv_io[1].device.type == 'meta':  # meta: no values
             return
-        self.num_batches_tracked.add_(1)
-        if self.momentum is None:
-            factor = 1.0 / self.num_batches_tracked.to(mean.dtype)
-        else:
-            factor = self.momentum  # a Python number: no host-to-device copy
-        unbiased = var * total / (total - 1).clamp_min(1)
-        new_mean = torch.lerp(self.running_mean.to(mean.dtype), mean, factor)
-        new_var = torch.lerp(self.running_var.to(mean.dtype), unbiased, factor)
-        self._commit_running_stats(new_mean, new_var, finite)
+        x, y = conv_io
+        conv, geometry = self._conv, self._geometry
+        with torch.no_grad():
+            expected = F.conv2d(x[:1].float(), conv.weight.float(),
+                                None if conv.bias is None else conv.bias.float(),
+                                geometry.stride, geometry.padding, geometry.dilation,
+                                geometry.groups)
+            got = y[:1].float()
+            tolerance = {torch.float64: 1e-6, torch.float32: 1e-3}.get(y.dtype, 3e-2)
+            same = expected.shape == got.shape and bool(
+                (expected - got).abs().max() <= tolerance * (got.abs().max() + 1e-6))
+        if not same:
+            raise RuntimeError(
+                f"CBN layer '{self.layer_name}' follows {type(conv).__name__} "
+                f"'{conv.__class__.__module__}.{type(conv).__qualname__}', whose output is not "
+                'conv2d(input, weight, bias) with its stride, padding, dilation and groups (it '
+                'transforms its weight or input, e.g. weight standardization or padding inside '
+                "forward). The Taylor compensation would use the wrong weight. Fix: "
+                "compensation='none' (Naive CBN) for this layer, or BN/GN here, or a plain "
+                'nn.Conv2d.')
+        self._conv_verified = True
 
-    @torch.no_grad()
-    def _record(self, history: History, conv_io: tuple[Tensor, Tensor] | None, y: Tensor,
-                mu: Tensor, nu: Tensor, weight: Tensor | None, conv_bias: Tensor | None,
-                geometry: ConvGeometry | None, count: int, finite: Tensor) -> None:
-        """Store this iteration's statistics (and their weight gradients) for the next ones."""
-        xbar = grad_nu = grad_dot_weight = None
-        if geometry is not None:
-            x = conv_io[0]
-            xbar = mean_input_patch(x, geometry, y.shape[2:])
-            stride = self.grad_nu_stride
-            if stride > 1 and y.shape[0] >= 4 * stride ** 2:
-                # many examples (RoIs): every s^2-th one, random offset; a stride-1 conv
-                step = stride ** 2
-                first = int(torch.randint(step, ()))
-                grad_nu = grad_nu_wrt_weight(x[first::step], y[first::step], geometry)
+    # ------------------------------------------------------------------ state
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)
+        self.nonfinite_batches = fn(self.nonfinite_batches)
+        for history in self.histories:
+            if history is not None:
+                history.map(fn)
+        return self
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        destination[prefix + 'cbn_steps'] = torch.tensor(self.steps)
+        destination[prefix + 'cbn_nonfinite_batches'] = self.nonfinite_batches.clone()
+        for site, history in enumerate(self.histories):
+            if history is not None:
+                for name, tensor in history.state().items():
+                    destination[f'{prefix}cbn_history.{site}.{name}'] = tensor
+        if self._sampler is not None:
+            destination[prefix + 'cbn_sampler'] = self._sampler.get_state()
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        steps = state_dict.pop(prefix + 'cbn_steps', None)
+        nonfinite = state_dict.pop(prefix + 'cbn_nonfinite_batches', None)
+        sampler = state_dict.pop(prefix + 'cbn_sampler', None)
+        pattern = re.compile(re.escape(prefix) + r'cbn_history\.(\d+)\.(\w+)$')
+        stored: dict[int, dict[str, Tensor]] = {}
+        for key in [k for k in state_dict if pattern.match(k)]:
+            site, name = pattern.match(key).groups()
+            stored.setdefault(int(site), {})[name] = state_dict.pop(key)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
+        if steps is not None:
+            self.steps = int(steps)
+        if nonfinite is not None:
+            self.nonfinite_batches.copy_(nonfinite)
+        if sampler is not None and self._sampler is not None:
+            self._sampler.set_state(sampler)
+        device = self.nonfinite_batches.device
+        self.histories = [None] * (max(stored) + 1 if stored else 0)
+        for site, fields in stored.items():
+            if set(FIELDS) | {'cursor'} <= set(fields):
+                self.histories[site] = History.from_state(fields, device)
             else:
-                offset = (0, 0)
-                if stride > 1:
-                    offset = tuple(int(v) for v in torch.randint(stride, (2,)))
-                grad_nu = grad_nu_wrt_weight(x, y, geometry, stride, offset)
-            flat_weight = weight.reshape(weight.shape[0], -1, 1).to(grad_nu.dtype)
-            grad_dot_weight = torch.bmm(grad_nu.unsqueeze(1), flat_weight).view(-1)
-            finite = finite & all_finite(xbar, grad_dot_weight)
-        history.push(mu, nu, xbar, grad_nu, grad_dot_weight, conv_bias, count, finite)
+                error_msgs.append(f'{prefix}: incomplete CBN history of call site {site} in the '
+                                  f'state dict (has {sorted(fields)})')
+        self._site_shapes = []
+        self._iteration_ended = True
+
+
+def _autocast_on(t: Tensor) -> bool:
+    """Whether autocast is on for the device of ``t`` (statistics are kept out of it)."""
+    try:
+        return torch.is_autocast_enabled(t.device.type)
+    except RuntimeError:  # a device type without autocast (meta)
+        return False
+
+
+class _nothing:
+    """A context manager that does nothing (cheaper than ``contextlib.nullcontext()``)."""
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc) -> None:
+        return None

@@ -1,79 +1,150 @@
 """Narrow fixes for the pinned stack (torch 2.13, mmengine 0.10.7, mmcv 2.1.0, mmdet 3.3.0).
 
-:func:`apply` is called when ``mmdet_cbn`` is imported and is idempotent. Every fix
-it makes is listed here, with the reason; nothing in site-packages is edited.
+Importing ``mmdet_cbn`` applies none of them: each holds only where it is asked for.
+``tools/train.py`` and ``tools/test.py`` run mmdet's own scripts through
+:func:`run_mmdet_tool`, which applies all of them. Nothing in site-packages is edited.
 
-1. Local checkpoints load with ``weights_only=False``.
-   torch >= 2.6 makes ``torch.load`` default to ``weights_only=True``. mmengine
-   0.10.7 (the newest release) loads local files with a plain
-   ``torch.load(filename, map_location=...)``, and the checkpoints its Runner
-   saves hold ``message_hub`` objects and numpy arrays, so ``resume=True``,
-   ``load_from``, ``mmengine.runner.load_checkpoint`` and mmdet's
-   ``tools/test.py CHECKPOINT`` fail with ``UnpicklingError``. The fix
-   re-registers the loader of local paths (the ``''`` prefix) through mmengine's
-   public extension point ``CheckpointLoader.register_scheme(..., force=True)``
-   with a loader that passes ``weights_only=False``. Only local files, which are
-   the user's own checkpoints, are affected; URL schemes keep torch's default.
+1. Runner checkpoints load with torch's safe loader. torch >= 2.6 loads with
+   ``weights_only=True``; mmengine 0.10.7 (the newest release) calls a plain
+   ``torch.load``, and its Runner checkpoints hold objects that loader refuses, so
+   ``resume``, ``load_from`` and ``tools/test.py CHECKPOINT`` fail with ``UnpicklingError``.
+   :func:`runner_checkpoint_globals` allows, for the duration of a ``with`` block, exactly
+   what they hold (:func:`runner_checkpoint_allowlist`); any other global in a file is
+   still refused.
 
-2. Distributed training on CPU-only torch (what ``tools/dist_train.sh CONFIG 2`` runs on a
-   machine without GPUs). mmengine's ``init_dist`` calls ``torch.cuda.set_device`` first, and
-   its default DDP wrapper passes ``device_ids=[LOCAL_RANK]``, which DDP rejects for CPU
-   modules. :func:`setup_cpu_distributed` starts the gloo process group itself (the Runner then
-   skips ``init_dist``) and sets ``model_wrapper_cfg`` without ``device_ids``. With CUDA it
-   does nothing. :func:`teardown_distributed` leaves the process group at the end of
-   ``tools/train.py`` and ``tools/test.py``, as PyTorch asks of distributed scripts (mmengine
+2. Distributed runs on a CPU-only torch (what ``tools/dist_train.sh CONFIG 2`` runs on a
+   machine without GPUs). mmengine's ``init_dist`` calls ``torch.cuda.set_device`` first,
+   and its default DDP wrapper passes ``device_ids=[LOCAL_RANK]``, which DDP rejects for
+   CPU modules. :func:`setup_cpu_distributed` starts the gloo process group itself (the
+   Runner then skips ``init_dist``) and sets mmengine's default wrapper without
+   ``device_ids``. With CUDA it does nothing. :func:`teardown_distributed` leaves the
+   process group at the end of a run, as PyTorch asks of distributed scripts (mmengine
    never does): left to interpreter shutdown, gloo's threads once aborted a finished rank
    with "terminate called without an active exception".
 """
 
 from __future__ import annotations
 
-import os.path as osp
+import contextlib
+import importlib.util
+import pickle
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
 
+import numpy as np
 import torch
 import torch.distributed as dist
-from mmengine.runner import CheckpointLoader
+from mmengine.config import Config
+from mmengine.logging import HistoryBuffer
+
+_REFUSED_NOTE = (
+    'mmdet_cbn.compat.runner_checkpoint_globals() lets torch load with weights_only=True '
+    'what mmengine Runner checkpoints hold, and nothing else. Load only checkpoints you '
+    'trust. For a trusted file that holds other types, allow them too (wrap the run in '
+    '`with torch.serialization.safe_globals([...]):`), or set TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1 '
+    '(unpickles anything: the file can then run code).')
 
 
-def load_from_local(filename: str, map_location=None) -> dict:
-    """Load a local checkpoint, unpickling the Runner's non-tensor state.
+def _history_buffer_statistic(owner: Any, name: str) -> Any:
+    """``getattr`` as Runner checkpoints use it: a ``HistoryBuffer`` statistics method only.
 
-    Same contract as mmengine's ``load_from_local`` (the ``''`` scheme), plus
-    ``weights_only=False``. The name matters: mmengine logs the scheme as the
-    loader's name without its ``load_from_`` prefix.
-
-    Args:
-        filename: Local checkpoint path (``~`` is expanded).
-        map_location: Same as :func:`torch.load`.
-
-    Returns:
-        The loaded checkpoint.
+    A ``HistoryBuffer`` pickles its statistics methods (``HistoryBuffer.mean`` ...) as
+    ``getattr(HistoryBuffer, 'mean')``; a general ``getattr`` would reach any attribute.
     """
-    filename = osp.expanduser(filename)
-    if not osp.isfile(filename):
-        raise FileNotFoundError(f'{filename} can not be found.')
-    return torch.load(filename, map_location=map_location, weights_only=False)
+    if owner is not HistoryBuffer or name not in ('min', 'max', 'current', 'mean'):
+        raise pickle.UnpicklingError(
+            f'refusing getattr({owner!r}, {name!r}): only the statistics methods of '
+            'mmengine.logging.HistoryBuffer are allowed')
+    return getattr(HistoryBuffer, name)
 
 
-def apply() -> None:
-    """Apply every fix listed in the module docstring (idempotent)."""
-    CheckpointLoader.register_scheme(prefixes='', loader=load_from_local, force=True)
+def runner_checkpoint_allowlist() -> list[Any]:
+    """The globals of mmengine Runner checkpoints, for :func:`torch.serialization.safe_globals`.
+
+    Beyond torch's defaults (tensors, ``OrderedDict``, ``Counter`` of the step schedulers) a
+    checkpoint holds the message hub's ``HistoryBuffer`` objects with their statistics methods
+    and numpy arrays, and numpy scalars in its runtime information. numpy's pickle functions
+    are allowed under both module names (``numpy.core`` up to numpy 1.x, ``numpy._core``
+    since 2.0), and numeric dtypes only: an object dtype is still refused.
+    """
+    reconstruct = np.zeros(0).__reduce__()[0]
+    scalar = np.float64(0).__reduce__()[0]
+    codes = '?' + np.typecodes['AllInteger'] + np.typecodes['AllFloat']
+    dtypes = sorted({type(np.dtype(code)) for code in codes}, key=str)
+    return [
+        HistoryBuffer, (_history_buffer_statistic, 'builtins.getattr'),
+        np.ndarray, np.dtype, *dtypes,
+        *((func, f'{module}.{func.__name__}') for func in (reconstruct, scalar)
+          for module in ('numpy.core.multiarray', 'numpy._core.multiarray')),
+    ]
 
 
-def setup_cpu_distributed(cfg) -> None:
+@contextlib.contextmanager
+def runner_checkpoint_globals() -> Iterator[None]:
+    """Let ``torch.load`` read mmengine Runner checkpoints safely inside a ``with`` block.
+
+    Use it around ``runner.train()`` / ``runner.test()`` in your own scripts on torch >= 2.6
+    with mmengine 0.10.7. An ``UnpicklingError`` raised in the block gets a note naming the
+    ways out. On torch < 2.5 (``weights_only=False`` by default) it does nothing.
+    """
+    if not hasattr(torch.serialization, 'safe_globals'):
+        yield
+        return
+    with torch.serialization.safe_globals(runner_checkpoint_allowlist()):
+        try:
+            yield
+        except pickle.UnpicklingError as err:
+            err.add_note(_REFUSED_NOTE)
+            raise
+
+
+def setup_cpu_distributed(cfg: Config) -> None:
     """Prepare a ``pytorch``-launcher run on a machine without CUDA (fix 2 above).
 
-    Called by ``tools/train.py`` and ``tools/test.py`` after the config is loaded.
+    Starts the gloo process group and, unless the config has its own ``model_wrapper_cfg``,
+    sets mmengine's default DDP wrapper (``Runner.wrap_model``) without ``device_ids``.
     """
     if cfg.get('launcher') != 'pytorch' or torch.cuda.is_available():
         return
     if not dist.is_initialized():
         dist.init_process_group('gloo')
     if cfg.get('model_wrapper_cfg') is None:
-        cfg.model_wrapper_cfg = dict(type='MMDistributedDataParallel', device_ids=None)
+        cfg.model_wrapper_cfg = dict(
+            type='MMDistributedDataParallel', device_ids=None, broadcast_buffers=False,
+            find_unused_parameters=cfg.get('find_unused_parameters', False))
 
 
 def teardown_distributed() -> None:
     """Destroy the default process group, if one is up (the end of a train or test run)."""
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def run_mmdet_tool(name: str) -> None:
+    """Run mmdet's own ``tools/<name>.py`` on ``sys.argv`` with the fixes above.
+
+    mmdet's wheel ships its tools under ``mmdet/.mim/tools``. For a ``pytorch``-launcher
+    run without CUDA the wrapper settings of :func:`setup_cpu_distributed` reach mmdet's
+    script as ``--cfg-options``.
+    """
+    import mmdet
+
+    path = Path(mmdet.__file__).parent / '.mim' / 'tools' / f'{name}.py'
+    spec = importlib.util.spec_from_file_location(f'mmdet_tools_{name}', path)
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    args = tool.parse_args()
+    if args.launcher == 'pytorch' and not torch.cuda.is_available():
+        cfg = Config.fromfile(args.config)
+        cfg.merge_from_dict(args.cfg_options or {})
+        own_wrapper = cfg.get('model_wrapper_cfg') is not None
+        cfg.launcher = args.launcher
+        setup_cpu_distributed(cfg)
+        if not own_wrapper:
+            sys.argv += ['--cfg-options', *(f'model_wrapper_cfg.{key}={value}'
+                                            for key, value in cfg.model_wrapper_cfg.items())]
+    with runner_checkpoint_globals():
+        tool.main()
+    teardown_distributed()

@@ -1,23 +1,30 @@
 """Pure tensor math of Cross-Iteration Batch Normalization (paper Eq. 7-11, Appendix B).
 
 Nothing here knows about modules, registries or mmdet: every function takes tensors and
-returns tensors, so each piece can be checked against an independent reference.
+returns tensors, so each piece can be checked against an independent reference. The
+derivations are in ``docs/math.md``.
 
-Notation (see ``CBN_MATH.md``): a CBN layer normalizes ``y = conv(x; W, b)`` with
-``W`` of shape ``(C, C_in / g, kh, kw)``, ``x`` of shape ``(N, C_in, H, W)`` and ``y`` of
-shape ``(N, C, H', W')``; ``M = N * H' * W'`` examples per channel; ``D = C_in / g * kh * kw``.
+Notation: a CBN layer normalizes ``y = conv(x; W, b)`` with ``W`` of shape
+``(C, C_in / g, kh, kw)``, ``x`` of shape ``(N, C_in, H, W)`` and ``y`` of shape
+``(N, C, H', W')``; ``M = N * H' * W'`` examples per channel; ``D = C_in / g * kh * kw``;
+``S`` past iterations ("slots") in the window. Statistics are per channel: the mean ``mu`` and
+the centered (biased) variance ``var`` of ``y``.
 """
 from __future__ import annotations
 
 import functools
+import math
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 __all__ = [
-    'ConvGeometry', 'mean_input_patch', 'grad_nu_wrt_weight', 'compensate', 'past_sums',
-    'all_finite', 'window_normalize', 'stat_dtype',
+    'ConvGeometry', 'SlotRecord', 'stat_dtype', 'mean_input_patch', 'grad_var_wrt_weight',
+    'record_statistics', 'compensate', 'window_normalize', 'update_running_stats', 'all_finite',
 ]
 
 
@@ -47,20 +54,41 @@ class ConvGeometry:
         return cls(tuple(conv.weight.shape), tuple(conv.stride), tuple(padding),
                    tuple(conv.dilation), conv.groups)
 
+    @property
+    def depth(self) -> int:
+        """``D``: weights per output channel."""
+        return math.prod(self.weight_shape[1:])
+
+
+class SlotRecord(NamedTuple):
+    """What one iteration leaves for the next ones (Eq. 7, 8 in the form of ``docs/math.md``).
+
+    ``mean``, ``var_intercept``: ``(C,)``; ``count``: ``(1,)`` examples per channel ``M``;
+    ``xbar``: ``(g, D)`` mean input patch ``d mu / d W``; ``grad_var``: ``(C, D)``
+    ``d var / d W``. ``var_intercept = var - grad_var . W`` at that iteration, so that the
+    compensated variance at weights ``W(t)`` is ``var_intercept + grad_var . W(t) - delta^2``.
+    Without compensation ``xbar`` and ``grad_var`` are None and ``var_intercept = var``.
+    """
+
+    mean: Tensor
+    var_intercept: Tensor
+    count: Tensor
+    xbar: Tensor | None
+    grad_var: Tensor | None
+
 
 def stat_dtype(t: Tensor) -> torch.dtype:
     """The dtype statistics are kept in: float64 for float64 tensors, else float32."""
     return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
-def _conv_weight_grad(x: Tensor, grad_y: Tensor, weight_shape: tuple[int, ...],
-                      stride: tuple[int, int], padding: tuple[int, int],
-                      dilation: tuple[int, int], groups: int) -> Tensor:
+def _conv_weight_grad(x: Tensor, grad_y: Tensor, geometry: ConvGeometry,
+                      stride: tuple[int, int], padding: tuple[int, int]) -> Tensor:
     """The weight gradient of ``conv2d`` for output gradient ``grad_y`` (one backward conv)."""
-    dummy = x.new_zeros(()).expand(weight_shape)
+    dummy = x.new_zeros(()).expand(geometry.weight_shape)
     _, grad_w, _ = torch.ops.aten.convolution_backward(
-        grad_y, x, dummy, None, list(stride), list(padding), list(dilation), False, [0, 0],
-        groups, [False, True, False])
+        grad_y, x, dummy, None, list(stride), list(padding), list(geometry.dilation), False,
+        [0, 0], geometry.groups, [False, True, False])
     return grad_w
 
 
@@ -91,7 +119,7 @@ def mean_input_patch(x: Tensor, geometry: ConvGeometry, out_hw: tuple[int, int])
     ``Xbar[i, a, b] = 1/M sum_{n,h,w} R[a, h] x[n, i, h, w] S[b, w]``: two matrix products, the
     first one reading ``x`` once, exact for any stride, padding and dilation.
 
-    Returns a tensor of shape ``(g, D)`` in the dtype of ``x`` promoted to at least float32.
+    Returns ``(g, D)`` in :func:`stat_dtype` of ``x``.
     """
     g = geometry.groups
     _, c_in_g, kh, kw = geometry.weight_shape
@@ -105,201 +133,277 @@ def mean_input_patch(x: Tensor, geometry: ConvGeometry, out_hw: tuple[int, int])
                      geometry.dilation[1], xf.device, dtype)
     xbar = torch.matmul(rows, torch.matmul(xf, cols.t()).sum(0))  # (c, a, b)
     m = x.shape[0] * out_hw[0] * out_hw[1]
-    return xbar.reshape(g, c_in_g * kh * kw) / m
+    return xbar.reshape(g, c_in_g * kh * kw).div_(m)
 
 
-def grad_nu_wrt_weight(x: Tensor, y: Tensor, geometry: ConvGeometry, stride: int = 1,
-                       offset: tuple[int, int] = (0, 0)) -> Tensor:
-    """``G = d nu / d W`` of Appendix B: the weight-gradient of the conv for ``2 y / M``.
+def grad_var_wrt_weight(x: Tensor, y: Tensor, mean: Tensor, geometry: ConvGeometry, *,
+                        stride: int = 1, offset: tuple[int, int] = (0, 0)) -> Tensor:
+    """``d var / d W``: the weight gradient of the conv for the output gradient ``2 (y - mu) / M``.
 
-    ``G[c, i, u] = 2/M sum_{n,p} y(n, c, p) x_patch(n, i, p + u)`` with shape ``(C, D)``.
+    ``grad_var[c, i, u] = 2/M sum_{n,p} (y(n, c, p) - mu_c) x_patch(n, i, p + u)``, ``(C, D)``.
+    Centering ``y`` first keeps it free of the cancellation of ``d nu / d W - 2 mu Xbar``.
 
-    With ``stride = s > 1`` it is estimated from the output positions ``offset + s * q`` only
-    (``s^2`` times cheaper; unbiased when the offset is drawn uniformly in ``[0, s)^2``).
-    Computed in float32 (or float64 when the inputs are float64).
+    With ``stride = s > 1`` only the output positions ``offset + s * q`` enter, weighted by
+    ``s^2`` (their inverse probability of being drawn): the estimate is unbiased for every map
+    size when ``offset`` is uniform in ``[0, s)^2``, and ``s^2`` times cheaper. In float32, or
+    float64 for float64 inputs.
     """
     dtype = stat_dtype(y)
-    xf, yf = x.to(dtype), y.to(dtype)
+    xf = x.to(dtype)
+    centered = y.to(dtype) - mean.view(1, -1, 1, 1)
     (sh, sw), (ph, pw) = geometry.stride, geometry.padding
-    if stride == 1:
-        grad_y = yf
-        conv_stride, conv_padding = (sh, sw), (ph, pw)
-    else:
+    m = y.shape[0] * y.shape[2] * y.shape[3]
+    conv_stride, conv_padding = (sh, sw), (ph, pw)
+    if stride > 1:
         oh, ow = offset
-        grad_y = yf[:, :, oh::stride, ow::stride]
+        centered = centered[:, :, oh::stride, ow::stride]
+        if centered.numel() == 0:  # a map smaller than the offset: nothing drawn this time
+            return y.new_zeros(y.shape[1], geometry.depth, dtype=dtype)
         if geometry.weight_shape[2:] == (1, 1) and (ph, pw) == (0, 0):
             # a 1x1 conv sees one input pixel per output position: gather those, then a
-            # stride-1 weight gradient (oneDNN's strided one is slower than the exact G here)
-            hs, ws = grad_y.shape[2:]
-            xf = xf[:, :, oh * sh::stride * sh, ow * sw::stride * sw][:, :, :hs, :ws].contiguous()
+            # stride-1 weight gradient (oneDNN's strided one is slower than the exact one here)
+            hs, ws = centered.shape[2:]
+            xf = xf[:, :, oh * sh::stride * sh, ow * sw::stride * sw][:, :, :hs, :ws]
             conv_stride = (1, 1)
         else:
             # zero padding, less what the offset skips (negative: a crop), in one copy
             xf = torch.nn.functional.pad(xf, (pw - ow * sw, pw, ph - oh * sh, ph))
             conv_stride = (sh * stride, sw * stride)
         conv_padding = (0, 0)
-    m = grad_y.shape[0] * grad_y.shape[2] * grad_y.shape[3]
-    grad_w = _conv_weight_grad(xf, grad_y.contiguous(), geometry.weight_shape, conv_stride,
-                               conv_padding, geometry.dilation, geometry.groups)
+        m = m / stride ** 2
+    grad_w = _conv_weight_grad(xf.contiguous(), centered.contiguous(), geometry, conv_stride,
+                               conv_padding)
     return grad_w.reshape(grad_w.shape[0], -1).mul_(2.0 / m)
 
 
-def compensate(weight: Tensor, bias: Tensor | None, xbar: Tensor, grad_nu: Tensor, nu: Tensor,
-               mu: Tensor, grad_dot_weight: Tensor, old_bias: Tensor) -> tuple[Tensor, Tensor]:
-    """Taylor compensation of past statistics to the current weights (Eq. 7, 8), all slots at once.
-
-    Uses the history identity of ``CBN_MATH.md``: with ``s_c = G_c . W_c`` recorded with the
-    slot, ``mu_hat_c = W_c(t) . Xbar + b_c(t)`` (exact, ``mu`` is linear in ``W``) and
-    ``nu_hat_c = nu_c + G_c . W_c(t) - s_c + 2 mu_c (b_c(t) - b_c)``, which equals Eq. 8 for the
-    exact ``G`` and needs no copy of old weights.
+def record_statistics(x: Tensor | None, y: Tensor, mean: Tensor, var: Tensor,
+                      weight: Tensor | None, geometry: ConvGeometry | None, *,
+                      grad_stride: int = 1, draw: tuple[int, int] = (0, 0)) -> SlotRecord:
+    """The record of the current iteration: what compensating it later needs (no gradient).
 
     Args:
-        weight: current conv weight ``(C, C_in/g, kh, kw)`` (detached by the caller).
-        bias: current conv bias ``(C,)`` or None.
-        xbar: ``(S, g, D)`` mean input patches of ``S`` past iterations.
-        grad_nu: ``(S, C, D)`` their ``d nu / d W``.
-        nu, mu: ``(S, C)`` their raw moments.
-        grad_dot_weight: ``(S, C)`` ``s_c = G_c . W_c`` at the time of each slot.
-        old_bias: ``(S, C)`` the conv bias at the time of each slot (zeros without bias).
+        x, y: the conv's input and output of this iteration (x unused without compensation).
+        mean, var: ``(C,)`` statistics of ``y``.
+        weight: the conv weight of this iteration, or None without compensation.
+        geometry: the conv's geometry, or None without compensation.
+        grad_stride: ``s``; above 1 ``grad_var`` is sampled (:func:`grad_var_wrt_weight`): with
+            at least ``4 s^2`` images (RoI heads) every ``s^2``-th image from ``draw[0]``,
+            else every ``s``-th position in each direction from ``draw``.
+        draw: the random offsets in ``[0, s)``, ``[0, s^2)`` for images.
+    """
+    count = mean.new_full((1,), y.numel() // y.shape[1])
+    if geometry is None:
+        return SlotRecord(mean, var, count, None, None)
+    xbar = mean_input_patch(x, geometry, y.shape[2:])
+    step = grad_stride ** 2
+    if grad_stride > 1 and y.shape[0] >= 4 * step:
+        # every s^2-th image (RoI): a stride-1 conv; inverse inclusion probability s^2
+        first = draw[0] % step
+        grad_var = grad_var_wrt_weight(x[first::step], y[first::step], mean, geometry)
+        grad_var.mul_(y[first::step].shape[0] * step / y.shape[0])
+    else:
+        grad_var = grad_var_wrt_weight(x, y, mean, geometry, stride=grad_stride,
+                                       offset=(draw[0] % grad_stride, draw[1] % grad_stride))
+    flat_weight = weight.reshape(weight.shape[0], -1, 1).to(grad_var.dtype)
+    var_intercept = var - torch.bmm(grad_var.unsqueeze(1), flat_weight).view(-1)
+    return SlotRecord(mean, var_intercept, count, xbar, grad_var)
+
+
+def compensate(weight: Tensor | None, bias: Tensor | None, *, mean: Tensor,
+               var_intercept: Tensor, xbar: Tensor | None, grad_var: Tensor | None
+               ) -> tuple[Tensor, Tensor, Tensor]:
+    """Past statistics moved to the current weights (Eq. 7, 8), all slots at once.
+
+    ``mu_hat = W(t) . Xbar + b(t)`` (exact: ``mu`` is linear in ``W``) and
+    ``var_hat = var_intercept + grad_var . W(t) - (mu_hat - mu)^2``, i.e. Eq. 8 written for the
+    centered variance (``docs/math.md``): it needs no old weights, and no large raw moment
+    cancels. Differentiable in ``weight`` and ``bias``. Without compensation (``xbar`` None)
+    the records are returned as they are.
+
+    Args:
+        weight: current conv weight ``(C, C_in/g, kh, kw)``; bias: ``(C,)`` or None.
+        mean, var_intercept: ``(S, C)``; xbar: ``(S, g, D)``; grad_var: ``(S, C, D)``.
 
     Returns:
-        ``(mu_hat, nu_hat)``, each ``(S, C)``.
+        ``(mu_hat, var_hat, delta)``, each ``(S, C)``: ``var_hat`` not yet clamped at 0 and
+        ``delta = mu_hat - mu``, the change of the mean (None without compensation).
     """
-    groups = xbar.shape[1]
+    if xbar is None:
+        return mean, var_intercept, None
+    slots, groups = xbar.shape[:2]
     w = weight.reshape(groups, weight.shape[0] // groups, -1).to(xbar.dtype)
     # batched matrix products rather than einsum, whose set-up costs more than these small sums
-    mu_hat = torch.bmm(w, xbar.permute(1, 2, 0)).reshape(-1, xbar.shape[0]).t()  # (g,c,S)->(S,C)
-    flat_w = w.reshape(weight.shape[0], 1, -1)
-    nu_hat = nu + torch.bmm(flat_w, grad_nu.permute(1, 2, 0)).squeeze(1).t()  # (C,1,S)->(S,C)
-    nu_hat = nu_hat - grad_dot_weight
+    mu_hat = torch.bmm(w, xbar.permute(1, 2, 0)).reshape(-1, slots).t()  # (g,c,S) -> (S,C)
     if bias is not None:
-        b = bias.to(xbar.dtype)
-        mu_hat = mu_hat + b
-        nu_hat = nu_hat + 2 * mu * (b - old_bias)
-    return mu_hat, nu_hat
+        mu_hat = mu_hat + bias.to(xbar.dtype)
+    delta = mu_hat - mean
+    along = torch.bmm(w.reshape(weight.shape[0], 1, -1), grad_var.permute(1, 2, 0))  # (C,1,S)
+    var_hat = torch.addcmul(var_intercept + along.squeeze(1).t(), delta, delta, value=-1)
+    return mu_hat, var_hat, delta
 
 
-def past_sums(mu_hat: Tensor, nu_hat: Tensor, valid: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """The past iterations' share of the window aggregation (Eq. 9, 10).
+def _batch_moments(y: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-channel mean and biased variance of ``y`` in one stable pass of BatchNorm's own
+    statistics kernel; ``var_mean`` (3x slower on CPU) where that kernel has no implementation
+    (meta tensors, ``torch.compile`` tracing)."""
+    if y.device.type == 'meta' or torch.compiler.is_compiling():
+        var, mean = torch.var_mean(y, dim=(0, 2, 3), correction=0)
+        return mean, var
+    return torch.batch_norm_update_stats(y, None, None, 0.0)
+
+
+class _PastRecords(NamedTuple):
+    """The window's past slots as the normalization reads them (none of them needs grad)."""
+
+    mean: Tensor  # (S, C)
+    var_intercept: Tensor  # (S, C)
+    slot_weight: Tensor  # (S,) 1 for a valid record, 0 for an empty or discarded slot
+    xbar: Tensor | None  # (S, g, D)
+    grad_var: Tensor | None  # (S, C, D)
+
+
+class _WindowNormalize(torch.autograd.Function):
+    """Eq. 7-11 in one node: compensation, aggregation, normalization, closed-form backward.
+
+    Forward: the current statistics (one stable reduction pass), the compensated past slots,
+    ``mu_bar = (mu + sum_j mu_hat_j) / k`` and, by the parallel-variance rule,
+    ``var_bar = (var + (mu - mu_bar)^2 + sum_j [max(var_hat_j, 0) + (mu_hat_j - mu_bar)^2]) / k``
+    (equal to Eq. 10's ``nu_bar - mu_bar^2``), then BatchNorm's eval kernel with them.
+
+    Backward: BatchNorm's *training-mode* backward kernel, whose input gradient
+    ``g*A + (y - m)*B + C`` has the right shape; fed ``mu_bar``, ``inv_std / sqrt(k)`` and
+    ``gamma * sqrt(k)``, it gives Eq. 9-11's ``A`` and ``B`` (the moments' paths carry weight
+    ``1/k``) and misses ``C`` by a per-channel constant, added in one pass. With the gradient
+    through the compensation, ``d L / d mu_hat_j`` and ``d L / d var_hat_j`` go to the conv
+    weight through ``d mu_hat / d W = Xbar`` and ``d var_hat / d W = grad_var - 2 delta Xbar``
+    (bias: ``1`` and ``-2 delta``): two small batched products.
+    """
+
+    @staticmethod
+    def forward(ctx, y, gamma, beta, weight, bias, past, eps, on_backward):
+        dtype = stat_dtype(y)
+        y_stats = y if y.dtype == dtype else y.to(dtype)
+        mean, var = _batch_moments(y_stats)
+        if past is None:
+            k, mu_bar, var_bar = 1, mean, var
+        else:
+            mu_hat, var_hat, delta = compensate(weight, bias, mean=past.mean,
+                                                var_intercept=past.var_intercept,
+                                                xbar=past.xbar, grad_var=past.grad_var)
+            w = past.slot_weight
+            k = 1 + w.sum()
+            mu_bar = (mean + w @ mu_hat) / k
+            spread = mu_hat - mu_bar
+            var_bar = (var + (mean - mu_bar).square()
+                       + w @ torch.addcmul(var_hat.clamp_min(0), spread, spread)) / k
+            ctx.past, ctx.slot_terms = past, (spread, var_hat > 0, delta)
+        out = torch.nn.functional.batch_norm(y, mu_bar, var_bar, gamma, beta, False, 0.0, eps)
+        ctx.save_for_backward(y, gamma, mu_bar, var_bar)
+        ctx.k, ctx.eps, ctx.has_past = k, eps, past is not None
+        ctx.weight_shape = None if weight is None else weight.shape
+        ctx.on_backward = on_backward
+        ctx.mark_non_differentiable(mean, var, mu_bar, var_bar)
+        return out, mean, var, mu_bar, var_bar
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out, *unused):
+        if ctx.on_backward is not None:
+            ctx.on_backward()
+        y, gamma, mu_bar, var_bar = ctx.saved_tensors
+        k = ctx.k
+        inv_std = torch.rsqrt(var_bar + ctx.eps)
+        gamma = torch.ones_like(inv_std) if gamma is None else gamma.to(inv_std.dtype)
+        root_k = k.sqrt() if isinstance(k, Tensor) else 1.0
+        # BN's training backward with batch mean m, inverse std s and weight w returns
+        # (g - sum(g)/M - (y - m) s^2 sum(g (y - m))/M) s w,  sum(g (y - m)) s,  sum(g).
+        grad_y, grad_w, g_sum = torch.ops.aten.native_batch_norm_backward(
+            grad_out, y, gamma * root_k, None, None, mu_bar, inv_std / root_k, True, ctx.eps,
+            [True, True, True])
+        if ctx.has_past:
+            # Eq. 9-11 subtract sum(g)/(k M) where the kernel subtracted sum(g)/M.
+            count = y.numel() // y.shape[1]
+            shift = gamma * inv_std * g_sum * ((k - 1) / (k * count))
+            grad_y.add_(shift.to(grad_y.dtype).view(1, -1, *([1] * (y.dim() - 2))))
+        grad_gamma = grad_w * root_k  # sum(g (y - mu_bar)) * inv_std
+        grad_weight = grad_bias = None
+        if ctx.has_past and (ctx.needs_input_grad[3] or ctx.needs_input_grad[4]):
+            grad_weight, grad_bias = _grad_through_compensation(
+                ctx.past, *ctx.slot_terms, k=k, grad_mu_bar=-gamma * inv_std * g_sum,
+                grad_var_bar=-0.5 * inv_std.square() * gamma * grad_gamma)
+            grad_weight = grad_weight.view(ctx.weight_shape)
+        return (grad_y, grad_gamma if ctx.needs_input_grad[1] else None,
+                g_sum if ctx.needs_input_grad[2] else None,
+                grad_weight if ctx.needs_input_grad[3] else None,
+                grad_bias if ctx.needs_input_grad[4] else None, None, None, None)
+
+
+def _grad_through_compensation(past: _PastRecords, spread: Tensor, positive: Tensor,
+                               delta: Tensor, *, k: Tensor, grad_mu_bar: Tensor,
+                               grad_var_bar: Tensor) -> tuple[Tensor, Tensor]:
+    """``d L / d W`` and ``d L / d b`` through the compensated past slots (Eq. 7, 8).
+
+    ``d L / d mu_hat_j = w_j / k (g_mu + 2 g_var (mu_hat_j - mu_bar))`` and
+    ``d L / d var_hat_j = w_j / k g_var [var_hat_j > 0]``; ``mu_hat`` is linear in ``W`` with
+    slope ``Xbar`` and ``var_hat`` has slope ``grad_var - 2 delta Xbar``.
+    """
+    w = (past.slot_weight / k).unsqueeze(1)  # (S, 1)
+    d_var_hat = w * grad_var_bar * positive  # (S, C)
+    d_mean = torch.addcmul(w * grad_mu_bar, w * grad_var_bar, spread, value=2)
+    slope_xbar = torch.addcmul(d_mean, d_var_hat, delta, value=-2)  # (S, C)
+    slots, groups, depth = past.xbar.shape
+    channels = slope_xbar.shape[1]
+    grad_weight = torch.bmm(slope_xbar.t().reshape(groups, channels // groups, slots),
+                            past.xbar.transpose(0, 1)).reshape(channels, depth)
+    grad_weight = grad_weight + torch.bmm(d_var_hat.t().unsqueeze(1),
+                                          past.grad_var.transpose(0, 1)).squeeze(1)
+    return grad_weight, slope_xbar.sum(0)
+
+
+def window_normalize(y: Tensor, gamma: Tensor | None, beta: Tensor | None, eps: float, *,
+                     weight: Tensor | None = None, bias: Tensor | None = None,
+                     past: _PastRecords | None = None,
+                     on_backward: Callable[[], None] | None = None
+                     ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Normalize ``y`` with the statistics of the window (Eq. 7-11).
 
     Args:
-        mu_hat, nu_hat: ``(S, C)`` compensated past moments (detached).
-        valid: ``(S,)`` bool, which slots hold a finite record; invalid ones are ignored.
+        y: ``(N, C, H, W)`` the current conv output.
+        gamma, beta: ``(C,)`` the affine parameters, or None.
+        eps: added to the variance.
+        weight, bias: the current conv weight and bias the past slots are compensated to.
+            The gradient flows through the compensation into them unless they are detached.
+        past: the past slots, or None (then this is BatchNorm's training forward).
+        on_backward: called when the backward runs (how a layer learns an iteration ended).
 
     Returns:
-        ``(sum mu_hat, sum max(nu_hat, mu_hat^2), k)`` over the valid slots, each ``(C,)``,
-        and ``k = 1 + #valid``, the number of aggregated iterations (0-d tensor).
+        ``(out, mu, var, mu_bar, var_bar)``: the normalized ``y`` (dtype of ``y``), the current
+        statistics and the window's (detached; float32, or float64 for float64 ``y``).
     """
-    moments = torch.stack([mu_hat, torch.maximum(nu_hat, mu_hat.square())])
-    sums = torch.where(valid.view(1, -1, 1), moments, 0).sum(1)
-    return sums[0], sums[1], 1 + valid.sum(dtype=mu_hat.dtype)
+    return _WindowNormalize.apply(y, gamma, beta, weight, bias, past, eps, on_backward)
 
 
 def all_finite(*tensors: Tensor) -> Tensor:
     """0-d bool tensor: no element of ``tensors`` is NaN or infinite, without a host sync.
 
     ``t - t`` is 0 for finite elements and NaN otherwise, so its sum is exactly 0 iff all are
-    finite. The (small) tensors are concatenated first: four kernels in all, where
-    ``isfinite(t).all()`` takes five per tensor.
+    finite (a sum of the values themselves could overflow). Concatenated first: four kernels.
     """
     flat = torch.cat([t.reshape(-1) for t in tensors]) if len(tensors) > 1 else tensors[0]
     return (flat - flat).sum(dtype=stat_dtype(flat)) == 0
 
 
-@functools.lru_cache(maxsize=256)
-def _zeros_and_ones(channels: int, device: torch.device, dtype: torch.dtype
-                    ) -> tuple[Tensor, Tensor]:
-    """Constant ``(C,)`` zeros and ones for :func:`_channel_sums` (read, never written)."""
-    with torch.inference_mode(False):
-        return (torch.zeros(channels, device=device, dtype=dtype),
-                torch.ones(channels, device=device, dtype=dtype))
+def update_running_stats(running_mean: Tensor, running_var: Tensor, mean: Tensor,
+                         var: Tensor, *, count: Tensor | int, factor: Tensor | float,
+                         keep: Tensor) -> None:
+    """BatchNorm's running-average step, in place: ``r <- r + factor (stat - r)``.
 
-
-def _channel_sums(y: Tensor) -> tuple[Tensor, Tensor]:
-    """``(sum y, sum y^2)`` per channel in one pass of BatchNorm's backward reduction kernel.
-
-    ``native_batch_norm_backward`` in eval mode returns ``grad_bias = sum(g)`` and
-    ``grad_weight = sum(g * (y - mean) * invstd)``; with ``g = y``, ``mean = 0``,
-    ``invstd = 1`` (``var = 1``, ``eps = 0``) these are the two raw sums. One fused read of
-    ``y``, where ``y.mean`` + ``y.square().mean`` (or ``var_mean``) take 3-10x longer on CPU.
-    The CPU kernel reads mean and variance from the running-stat arguments, the CUDA kernel from
-    the saved-stat ones (and needs a weight), so all get the same zeros and ones.
+    The variance enters unbiased, ``var * n / (n - 1)`` with ``n = count`` examples. Where
+    ``keep`` (0-d bool) is false the buffers stay as they are, without a host sync: the step
+    is scaled to 0 and non-finite statistics are zeroed first (``0 * nan`` would be nan).
     """
-    zeros, ones = _zeros_and_ones(y.shape[1], y.device, stat_dtype(y))
-    _, sum_sq, sum_ = torch.ops.aten.native_batch_norm_backward(
-        y, y, ones, zeros, ones, zeros, ones, False, 0.0, [False, True, True])
-    return sum_, sum_sq
-
-
-class _WindowNormalize(torch.autograd.Function):
-    """Eq. 9-11 for the current batch with fixed past sums, forward and backward in closed form.
-
-    Built on BatchNorm's own CPU/CUDA kernels. Forward: one reduction pass for the raw sums, then
-    BN's eval-mode kernel with the window statistics. Backward: BN's *training-mode* backward
-    kernel, whose input gradient ``g*A + (y - mu)*B + C`` has the right shape; fed the window
-    mean, ``inv_std / sqrt(k)`` and ``gamma * sqrt(k)``, it gives Eq. 9-11's ``A`` and ``B``
-    (the moments' paths carry weight ``1/k``) and misses ``C`` by a per-channel constant, added
-    in one pass.
-
-    The clamp of ``sigma2_bar`` at 0 only guards rounding: by Cauchy-Schwarz the aggregated
-    variance is non-negative in exact arithmetic (every aggregated ``nu >= mu^2``), so the
-    backward is that of the unclamped expression.
-    """
-
-    @staticmethod
-    def forward(ctx, y, weight, bias, past_mu, past_nu, k, eps):
-        count = y.numel() // y.shape[1]
-        sum_, sum_sq = _channel_sums(y)
-        mu, nu = sum_ / count, sum_sq / count
-        mu_bar = (mu + past_mu) / k
-        var_bar = ((nu + past_nu) / k - mu_bar.square()).clamp_min(0)
-        out = torch.nn.functional.batch_norm(y, mu_bar, var_bar, weight, bias, False, 0.0, eps)
-        ctx.save_for_backward(y, weight, mu_bar, var_bar, k)
-        ctx.count, ctx.eps = count, eps
-        ctx.mark_non_differentiable(mu, nu, mu_bar, var_bar)
-        return out, mu, nu, mu_bar, var_bar
-
-    @staticmethod
-    def backward(ctx, grad_out, *unused):
-        y, weight, mu_bar, var_bar, k = ctx.saved_tensors
-        inv_std = torch.rsqrt(var_bar + ctx.eps)
-        gamma = torch.ones_like(inv_std) if weight is None else weight.to(inv_std.dtype)
-        k = k.to(inv_std.dtype)
-        root_k = k.sqrt()
-        # BN's training backward with batch mean m, inverse std s and weight w returns
-        # (g - sum(g)/M - (y - m) s^2 sum(g (y - m))/M) s w,  sum(g (y - m)) s,  sum(g).
-        grad_y, grad_w, g_sum = torch.ops.aten.native_batch_norm_backward(
-            grad_out, y, gamma * root_k, None, None, mu_bar, inv_std / root_k, True, ctx.eps,
-            [True, True, True])
-        # Eq. 9-11 subtract sum(g)/(k M) where the kernel subtracted sum(g)/M.
-        shift = gamma * inv_std * g_sum * ((k - 1) / (k * ctx.count))
-        grad_y.add_(shift.to(grad_y.dtype).view(1, -1, *([1] * (y.dim() - 2))))
-        grad_gamma = grad_w * root_k  # sum(g (y - mu_bar)) * inv_std
-        grad_past_mu = grad_past_nu = None
-        if ctx.needs_input_grad[3] or ctx.needs_input_grad[4]:
-            d_var = -0.5 * inv_std.square() * gamma * grad_gamma
-            grad_past_nu = d_var / k
-            grad_past_mu = (-gamma * inv_std * g_sum - 2 * mu_bar * d_var) / k
-        return (grad_y, grad_gamma if ctx.needs_input_grad[1] else None,
-                g_sum if ctx.needs_input_grad[2] else None, grad_past_mu, grad_past_nu, None, None)
-
-
-def window_normalize(y: Tensor, weight: Tensor | None, bias: Tensor | None, past_mu: Tensor,
-                     past_nu: Tensor, k: Tensor, eps: float
-                     ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Normalize ``y`` with the statistics aggregated over the window (Eq. 9-11).
-
-    Args:
-        y: ``(N, C, H, W)`` the current conv output; gradients flow through its moments.
-        weight, bias: ``(C,)`` the affine parameters, or None.
-        past_mu: ``(C,)`` sum of the valid compensated past means ``mu_hat``.
-        past_nu: ``(C,)`` sum of the valid ``max(nu_hat, mu_hat^2)``. Both are constants in the
-            paper; if they require grad, their gradients are returned too.
-        k: number of aggregated iterations, the current one included (0-d tensor).
-        eps: added to the variance.
-
-    Returns:
-        ``(out, mu, nu, mu_bar, sigma2_bar)``: the normalized ``y`` (dtype of ``y``), the
-        current raw moments and the aggregated mean and variance (detached, float32 or float64).
-    """
-    return _WindowNormalize.apply(y, weight, bias, past_mu, past_nu, k, eps)
+    unbiased = var * (count / (count - 1)) if isinstance(count, int) else (
+        var * count / (count - 1).clamp_min(1))
+    step = keep.to(running_mean.dtype) * factor
+    for running, stat in ((running_mean, mean), (running_var, unbiased)):
+        running.lerp_(stat.to(running.dtype).nan_to_num(0.0, 0.0, 0.0), step)

@@ -1,27 +1,29 @@
-"""``CBNBurnInHook``: pairs CBN layers before training and drives the burn-in window."""
+"""``CBNBurnInHook``: pairs CBN layers, marks iterations and drives the burn-in window."""
 from __future__ import annotations
 
 from mmengine.hooks import Hook
 from mmengine.model import is_model_wrapper
-from mmengine.registry import HOOKS
+from mmengine.runner import EpochBasedTrainLoop
 
 from .pairing import cbn_layers, pair_cbn_layers
 
 __all__ = ['CBNBurnInHook']
 
 
-@HOOKS.register_module()
 class CBNBurnInHook(Hook):
     """Window 1 (plain BN) for the first epochs or iterations, then each layer's ``window_size``.
 
     Before training it pairs every CBN layer of the model with the conv that feeds it, logs how
-    many were paired, and fails with the list of unpaired layers if any. At every iteration it
-    sets the window from ``runner.epoch`` / ``runner.iter``, so a resumed run continues with the
-    right window; it logs each change and records the window as ``train/cbn_window``.
+    many were paired, and fails with the list of unpaired layers if any. Before every training
+    iteration it marks a new iteration on every CBN layer (so layers called several times per
+    iteration, or under gradient accumulation, count iterations exactly) and sets the window
+    from ``runner.epoch`` / ``runner.iter``, so a resumed run continues with the right window;
+    it logs each change and records the window as ``train/cbn_window``.
 
     Args:
         burnin_epochs: epochs with window 1 (paper: 3 on COCO). Exclusive with ``burnin_iters``.
-        burnin_iters: iterations with window 1 (for iteration-based loops).
+            Under an iteration-based loop it counts ``len(train_dataloader)`` iterations each.
+        burnin_iters: iterations with window 1.
     """
 
     priority = 'NORMAL'
@@ -45,6 +47,12 @@ class CBNBurnInHook(Hook):
         return model.module if is_model_wrapper(model) else model
 
     def before_train(self, runner) -> None:
+        if self.burnin_epochs is not None and not isinstance(runner.train_loop,
+                                                             EpochBasedTrainLoop):
+            self.burnin_iters = self.burnin_epochs * len(runner.train_dataloader)
+            runner.logger.info(f'CBNBurnInHook: iteration-based loop, burn-in of '
+                               f'{self.burnin_epochs} epochs = {self.burnin_iters} iterations')
+            self.burnin_epochs = None
         model = self._model(runner)
         layers = cbn_layers(model)
         pairs = pair_cbn_layers(model)
@@ -63,6 +71,7 @@ class CBNBurnInHook(Hook):
         burnin = self.in_burnin(runner.epoch, runner.iter)
         layers = cbn_layers(self._model(runner))
         for _, layer in layers:
+            layer.new_iteration()
             layer.set_window(1 if burnin else layer.window_size)
         if layers:
             window = layers[0][1].window

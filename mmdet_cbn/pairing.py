@@ -44,8 +44,9 @@ def pair_cbn_layers(model: nn.Module, strict: bool = True) -> dict[str, str]:
     unpaired: list[str] = []
     last_conv: tuple[str, nn.Conv2d] | None = None
     for name, module in model.named_modules():
-        if isinstance(module, nn.Conv2d):
-            last_conv = (name, module)
+        inside_last_conv = last_conv is not None and name.startswith(last_conv[0] + '.')
+        if isinstance(module, nn.Conv2d) and not inside_last_conv:
+            last_conv = (name, module)  # a conv's own sub-convs (SAConv2d's) don't feed a norm
         elif isinstance(module, CrossIterationBatchNorm2d):
             module.layer_name = name or module.layer_name
             if last_conv is not None and last_conv[1].out_channels == module.num_features:

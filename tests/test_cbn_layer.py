@@ -27,6 +27,12 @@ def conv_cbn(seed=0, bias=False, groups=1, stride=1, dilation=1, dtype=torch.flo
     return model
 
 
+def sgd_step(model, out, optimizer):
+    optimizer.zero_grad()
+    (out * torch.randn_like(out)).sum().backward()
+    optimizer.step()
+
+
 def test_window_one_is_batchnorm_in_train_and_eval():
     model = conv_cbn(window_size=1)
     bn = copy.deepcopy(model[1])
@@ -45,6 +51,7 @@ def test_window_one_is_batchnorm_in_train_and_eval():
         torch.testing.assert_close(bn.bias.grad, ref.bias.grad)
     torch.testing.assert_close(bn.running_mean, ref.running_mean)
     torch.testing.assert_close(bn.running_var, ref.running_var)
+    assert bn.num_batches_tracked.item() == ref.num_batches_tracked.item() == 3
     bn.eval()
     ref.eval()
     y = torch.randn(2, 6, 3, 3, dtype=torch.float64)
@@ -72,20 +79,19 @@ def test_matches_literal_reference_over_a_training_run(compensation, conv_kw, de
                                cbn.bias.detach(), cbn.eps, compensation)
         torch.testing.assert_close(out.detach(), expected, rtol=1e-9, atol=1e-9)
         past.append((x, w, None if b is None else b.clone()))
-        optimizer.zero_grad()
-        (out * torch.randn_like(out)).sum().backward()
-        optimizer.step()
+        sgd_step(model, out, optimizer)
+    assert cbn.steps == 6
 
 
 @pytest.mark.parametrize('device', DEVICES)
-@pytest.mark.parametrize('backprop_past_stats', [False, True])
+@pytest.mark.parametrize('detach', [False, True])
 @pytest.mark.parametrize('conv_kw', [dict(bias=True, groups=2), dict(stride=2, dilation=2)])
-def test_parameter_gradients_match_the_literal_reference(backprop_past_stats, conv_kw, device):
-    """Conv and affine gradients equal autograd through Eq. 7-11 on stored old inputs, with the
-    compensated past statistics held constant (the paper) or as functions of ``W(t)``."""
+def test_parameter_gradients_match_the_literal_reference(detach, conv_kw, device):
+    """Conv and affine gradients equal autograd through Eq. 7-11 on stored old inputs: by
+    default with the compensated statistics as functions of ``W(t)`` (the exact gradient),
+    with ``detach_compensation`` with them held constant (the authors' code)."""
     window = 3
-    model = conv_cbn(window_size=window, backprop_past_stats=backprop_past_stats, device=device,
-                     **conv_kw)
+    model = conv_cbn(window_size=window, detach_compensation=detach, device=device, **conv_kw)
     conv, cbn = model
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     kwargs = conv_kwargs(conv)
@@ -97,7 +103,7 @@ def test_parameter_gradients_match_the_literal_reference(backprop_past_stats, co
         gamma, beta = (p.detach().clone().requires_grad_() for p in (cbn.weight, cbn.bias))
         y = conv._conv_forward(x, w, b)
         w_comp, b_comp = w, b
-        if not backprop_past_stats:
+        if detach:
             w_comp, b_comp = w.detach(), None if b is None else b.detach()
         expected = literal_cbn(y, past[-(window - 1):], w_comp, b_comp, kwargs, gamma, beta,
                                cbn.eps)
@@ -114,116 +120,230 @@ def test_parameter_gradients_match_the_literal_reference(backprop_past_stats, co
         optimizer.step()
 
 
-def test_backprop_past_stats_makes_a_mean_shift_gradient_free_as_in_bn():
+def test_exact_gradient_makes_a_mean_shift_gradient_free_as_in_bn():
     """A conv bias shifts the current and the compensated past means alike, so the forward
-    hardly depends on it, as BN's does not at all. With the paper's constant past statistics
-    the bias still gets a full-size gradient, which makes the conv output drift; with
-    ``backprop_past_stats`` only the Taylor residual of the variance is left."""
+    hardly depends on it, as BN's does not at all. The default exact gradient leaves only the
+    Taylor residual of the variance on it; with the compensation detached (the authors' code)
+    the bias gets a full-size gradient, which makes the conv output drift."""
     grads = {}
-    for flag in (False, True):
-        model = conv_cbn(window_size=4, bias=True, backprop_past_stats=flag)
+    for detach in (False, True):
+        model = conv_cbn(window_size=4, bias=True, detach_compensation=detach)
         optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
         torch.manual_seed(1)
         for step in range(4):
-            optimizer.zero_grad()
-            out = model(torch.randn(2, 4, 6, 6, dtype=torch.float64))
-            (out * torch.randn_like(out)).sum().backward()
-            optimizer.step()
-        grads[flag] = model[0].bias.grad.abs().max().item()
-    assert grads[False] > 1.0
-    assert grads[True] < 0.03 * grads[False]
+            sgd_step(model, model(torch.randn(2, 4, 6, 6, dtype=torch.float64)), optimizer)
+        grads[detach] = model[0].bias.grad.abs().max().item()
+    assert grads[True] > 1.0
+    assert grads[False] < 0.03 * grads[True]
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA device')
-@pytest.mark.parametrize('options', [dict(), dict(grad_nu_stride=2),
-                                     dict(backprop_past_stats=True)])
-def test_cuda_training_and_eval_steps_never_wait_for_the_device(options):
-    """No ``.item()``, no data-dependent shapes: a step queues its kernels without a host sync
-    (the NaN guard stays on the device), in training with a full window and in eval."""
-    model = conv_cbn(window_size=4, bias=True, dtype=torch.float32, device='cuda', **options)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+class SharedHead(nn.Module):
+    """One conv + CBN applied to every level of a feature pyramid (RetinaNet-style)."""
 
-    def step():
+    def __init__(self, window, explicit=False, **cbn_kw):
+        super().__init__()
+        self.conv = nn.Conv2d(4, 6, 3, padding=1, bias=True)
+        self.norm = CrossIterationBatchNorm2d(6, window_size=window, **cbn_kw)
+        self.explicit = explicit
+
+    def forward(self, levels):
+        if self.explicit:
+            self.norm.new_iteration()
+        return [self.norm(self.conv(x)) for x in levels]
+
+
+@pytest.mark.parametrize('explicit', [False, True])
+@pytest.mark.parametrize('dtype', [torch.float64, torch.float32])
+def test_call_sites_each_have_their_own_window(explicit, dtype):
+    """A layer called L times per iteration equals, call site by call site, the literal
+    reference run separately per call site, in outputs and gradients, over SGD steps; steps
+    and the window count iterations, not calls."""
+    window, sizes = 3, (9, 5, 3)
+    torch.manual_seed(0)
+    model = SharedHead(window, explicit=explicit, burnin_iters=1).to(dtype)
+    pair_cbn_layers(model)
+    conv, cbn = model.conv, model.norm
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    past = {size: [] for size in sizes}
+    tol = dict(rtol=1e-9, atol=1e-9) if dtype == torch.float64 else dict(rtol=1e-4, atol=1e-4)
+    for step in range(5):
+        levels = [torch.randn(2, 4, s, s, dtype=dtype) for s in sizes]
+        w = conv.weight.detach().clone().requires_grad_()
+        b = conv.bias.detach().clone().requires_grad_()
+        outs = model(levels)
+        grads = [torch.randn_like(o) for o in outs]
         optimizer.zero_grad()
-        out = model(torch.randn(2, 4, 9, 9, device='cuda'))
-        (out * torch.randn_like(out)).sum().backward()
+        torch.autograd.backward(outs, grads)
+        expected = []
+        for x, size in zip(levels, sizes):
+            used = past[size][-(window - 1):] if step >= 1 else []  # burn-in: iteration 1
+            expected.append(literal_cbn(conv._conv_forward(x, w, b), used, w, b,
+                                        conv_kwargs(conv), cbn.weight.detach(),
+                                        cbn.bias.detach(), cbn.eps))
+            if step >= 1:
+                past[size].append((x, w.detach().clone(), b.detach().clone()))
+        for out, exp in zip(outs, expected):
+            torch.testing.assert_close(out.detach(), exp.detach(), **tol)
+        ref = torch.autograd.grad(expected, [w, b], grads)
+        torch.testing.assert_close([conv.weight.grad, conv.bias.grad], list(ref), **tol)
         optimizer.step()
+        assert cbn.steps == step + 1 and cbn.num_call_sites == len(sizes)
+    assert len(cbn.histories) == len(sizes)
+    assert cbn.num_batches_tracked.item() == 5 * len(sizes)  # running stats: per call, as BN
 
-    for _ in range(4):  # first allocations and a full history
-        step()
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode('error')
-    try:
-        step()
-        model.eval()
+
+def test_gradient_accumulation_pools_the_micro_batches():
+    """With window N over N micro-batches between two optimizer steps, the last micro-batch
+    is normalized with BN's statistics of the N micro-batches pooled (the compensation is
+    exactly zero while the weights have not changed)."""
+    n = 4
+    model = conv_cbn(window_size=n, bias=True)
+    conv, cbn = model
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    for _ in range(2):  # an optimizer step, so that earlier records are from older weights
+        sgd_step(model, model(torch.randn(2, 4, 6, 6, dtype=torch.float64)), optimizer)
+    micro = [torch.randn(2, 4, 6, 6, dtype=torch.float64) for _ in range(n)]
+    optimizer.zero_grad()
+    for x in micro:
+        out = model(x)
+        (out * torch.randn_like(out)).sum().backward()
+    with torch.no_grad():
+        pooled = torch.cat([conv(x) for x in micro])
+        y = conv(micro[-1])
+    mean = pooled.mean((0, 2, 3), keepdim=True)
+    var = pooled.var((0, 2, 3), unbiased=False, keepdim=True)
+    expected = ((y - mean) / torch.sqrt(var + cbn.eps) * cbn.weight.view(1, -1, 1, 1)
+                + cbn.bias.view(1, -1, 1, 1))
+    torch.testing.assert_close(out.detach(), expected.detach(), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize('flavour', ['reentrant', 'non-reentrant'])
+def test_gradient_checkpointing_reproduces_the_forward_and_records_once(flavour):
+    """A checkpointed conv-CBN-conv-CBN block trains exactly as the plain one (window 3,
+    float64, 6 SGD steps): the recomputation normalizes with the first forward's window and
+    changes no state."""
+    def block():
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1),  # outside: the input needs grad
+                              nn.Sequential(nn.Conv2d(4, 5, 3, padding=1, bias=True),
+                                            CrossIterationBatchNorm2d(5, window_size=3),
+                                            nn.ReLU(),
+                                            nn.Conv2d(5, 5, 3, padding=1, groups=5),
+                                            CrossIterationBatchNorm2d(5, window_size=3)))
+        pair_cbn_layers(model)
+        return model.double()
+
+    plain, checkpointed = block(), block()
+    inner = checkpointed[1]
+
+    def run_checkpointed(x):
+        h = checkpointed[0](x)
+        return torch.utils.checkpoint.checkpoint(inner, h,
+                                                 use_reentrant=flavour == 'reentrant')
+
+    optimizers = [torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9)
+                  for m in (plain, checkpointed)]
+    for step in range(6):
+        x = torch.randn(2, 3, 6, 6, dtype=torch.float64)
+        grad = torch.randn(2, 5, 6, 6, dtype=torch.float64)
+        for forward, optimizer in zip((plain, run_checkpointed), optimizers):
+            optimizer.zero_grad()
+            out = forward(x)
+            out.backward(grad)
+            optimizer.step()
+        for p, q in zip(plain.parameters(), checkpointed.parameters()):
+            torch.testing.assert_close(q, p, rtol=0, atol=1e-12)
+    for a, b in zip((plain[1][1], plain[1][4]), (inner[1], inner[4])):
+        assert a.steps == b.steps == 6 and b.num_call_sites == 1
+        assert a.num_batches_tracked.item() == b.num_batches_tracked.item() == 6
+        torch.testing.assert_close(b.running_var, a.running_var, rtol=0, atol=1e-12)
+        torch.testing.assert_close(b.histories[0].records, a.histories[0].records, rtol=0,
+                                   atol=1e-12)
+
+
+def test_mmdet_resnet_with_cp_trains_as_without():
+    from mmdet.registry import MODELS
+    from mmdet.utils import register_all_modules
+    register_all_modules(init_default_scope=False)
+    models = []
+    for with_cp in (False, True):
+        torch.manual_seed(0)
+        model = MODELS.build(dict(type='mmdet.ResNet', depth=18, base_channels=8, with_cp=with_cp,
+                                  norm_cfg=dict(type='CBN', window_size=3), norm_eval=False,
+                                  frozen_stages=-1)).double()
+        pair_cbn_layers(model)
+        models.append(model)
+    optimizers = [torch.optim.SGD(m.parameters(), lr=0.05) for m in models]
+    for step in range(5):
+        x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+        for model, optimizer in zip(models, optimizers):
+            optimizer.zero_grad()
+            sum(o.square().mean() for o in model(x)).backward()
+            optimizer.step()
+    for p, q in zip(models[0].parameters(), models[1].parameters()):
+        torch.testing.assert_close(q, p, rtol=0, atol=1e-12)
+    layers = [m for m in models[1].modules() if isinstance(m, CrossIterationBatchNorm2d)]
+    assert all(m.steps == 5 and m.num_call_sites == 1 for m in layers)
+
+
+def test_double_backward_is_refused_clearly():
+    model = conv_cbn(window_size=3)
+    for _ in range(2):
         with torch.no_grad():
-            model(torch.randn(2, 4, 9, 9, device='cuda'))
-    finally:
-        torch.cuda.set_sync_debug_mode('default')
-    assert torch.isfinite(model[1].running_var).all()
-
-
-def test_gradients_flow_only_through_the_current_iteration_gradcheck():
-    model = conv_cbn(window_size=3, bias=True)
-    for _ in range(2):  # fill the history
-        model(torch.randn(2, 4, 4, 4, dtype=torch.float64))
-    x = torch.randn(2, 4, 4, 4, dtype=torch.float64, requires_grad=True)
-
-    def fresh_forward(inp):
-        return copy.deepcopy(model)(inp)
-
-    assert torch.autograd.gradcheck(fresh_forward, (x,))
-    # the gradient differs from plain BN's (the history enters the statistics)...
-    out = copy.deepcopy(model)(x)
-    (g_cbn,) = torch.autograd.grad(out.square().sum(), x)
-    one = copy.deepcopy(model)
-    one[1].set_window(1)
-    (g_bn,) = torch.autograd.grad(one(x).square().sum(), x)
-    assert not torch.allclose(g_cbn, g_bn)
-    # ...and no gradient reaches the past: parameters of old iterations are plain tensors
-    assert all(not t.requires_grad for t in model[1].history.tensors().values())
+            model(torch.randn(2, 4, 5, 5, dtype=torch.float64))
+    x = torch.randn(2, 4, 5, 5, dtype=torch.float64, requires_grad=True)
+    (grad,) = torch.autograd.grad(model(x).square().sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match='differentiate twice'):
+        grad.sum().backward()
 
 
 def test_state_dict_round_trip_keeps_history_and_continues_exactly():
-    model = conv_cbn(window_size=4, bias=True)
+    model = conv_cbn(window_size=4, bias=True, grad_nu_stride=2)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     for _ in range(5):
-        model(torch.randn(2, 4, 6, 6, dtype=torch.float64))
+        sgd_step(model, model(torch.randn(2, 4, 6, 6, dtype=torch.float64)), optimizer)
+    model[1].nonfinite_batches += 2
     state = copy.deepcopy(model.state_dict())
+    fields = ('mean', 'var_intercept', 'count', 'xbar', 'grad_var', 'cursor', 'pending')
     assert sorted(state) == sorted(
         ['0.weight', '0.bias', '1.weight', '1.bias', '1.running_mean', '1.running_var',
-         '1.num_batches_tracked', '1.cbn_steps'] +
-        [f'1.cbn_history.{n}' for n in ('xbar', 'grad_nu', 'stats', 'count', 'valid', 'cursor')])
+         '1.num_batches_tracked', '1.cbn_steps', '1.cbn_nonfinite_batches', '1.cbn_sampler'] +
+        [f'1.cbn_history.0.{n}' for n in fields])
     assert len(list(model.modules())) == 3  # the paired conv is referenced, not a child
-    assert '1.cbn_history.grad_nu' in state and state['1.cbn_steps'].item() == 5
-    restored = conv_cbn(window_size=4, bias=True, seed=3)
+    assert state['1.cbn_steps'].item() == 5
+    restored = conv_cbn(window_size=4, bias=True, grad_nu_stride=2, seed=3)
     restored.load_state_dict(state)
-    x = torch.randn(2, 4, 6, 6, dtype=torch.float64)
-    torch.testing.assert_close(restored(x), model(x), rtol=0, atol=0)
+    assert restored[1].nonfinite_batches.item() == 2
+    for _ in range(3):  # the sampler continues too: identical records
+        x = torch.randn(2, 4, 6, 6, dtype=torch.float64)
+        with torch.no_grad():
+            torch.testing.assert_close(restored(x), model(x), rtol=0, atol=0)
     torch.testing.assert_close(restored[1].running_var, model[1].running_var, rtol=0, atol=0)
     # a BN-only checkpoint (no history) loads and starts with an empty history
     plain = conv_cbn(window_size=4, bias=True)
     plain.load_state_dict(nn.Sequential(nn.Conv2d(4, 6, 3, padding=1), nn.BatchNorm2d(6))
                           .double().state_dict(), strict=False)
-    assert plain[1].history is None
+    assert plain[1].histories == []
 
 
-def test_history_moves_with_model_to_and_stays_float32():
-    model = conv_cbn(window_size=2, dtype=torch.float32)
-    model(torch.randn(2, 4, 6, 6))
-    model.to(torch.float64)
-    assert model[1].history.grad_nu.dtype == torch.float32
-    model.to('meta')
-    assert model[1].history.grad_nu.device.type == 'meta'
-
-
-def test_burnin_iters_without_hook_and_set_window():
-    model = conv_cbn(window_size=3, burnin_iters=2)
-    cbn = model[1]
-    windows = []
-    for _ in range(4):
-        windows.append(cbn.window)
-        model(torch.randn(2, 4, 5, 5, dtype=torch.float64))
-    assert windows == [1, 1, 3, 3]
+def test_burnin_iters_gives_exactly_that_many_window_one_iterations():
+    """The window a step really used: the burn-in steps and the first windowed step (whose
+    window is still empty) normalize with the batch's own statistics, later ones do not."""
+    for burnin in (0, 1, 2):
+        model = conv_cbn(window_size=3, burnin_iters=burnin)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        conv, cbn = model
+        announced, used = [], []
+        for _ in range(4):
+            announced.append(cbn.window)
+            x = torch.randn(2, 4, 5, 5, dtype=torch.float64)
+            out = model(x)
+            batch_norm = nn.functional.batch_norm(conv(x), None, None, cbn.weight, cbn.bias,
+                                                  True, 0.0, cbn.eps)
+            used.append(torch.allclose(out, batch_norm))
+            sgd_step(model, out, optimizer)
+        assert announced == [1] * burnin + [3] * (4 - burnin)
+        assert used == [True] * (burnin + 1) + [False] * (3 - burnin)
     cbn.set_window(1)
     assert cbn.window == 1
     with pytest.raises(ValueError, match='window'):
@@ -233,9 +353,8 @@ def test_burnin_iters_without_hook_and_set_window():
 def test_running_stats_are_window_aggregated_and_unbiased():
     model = conv_cbn(window_size=2, momentum=1.0)
     conv, cbn = model
-    cbn.set_window(2)
     x1, x2 = (torch.randn(2, 4, 5, 5, dtype=torch.float64) for _ in range(2))
-    with torch.no_grad():
+    with torch.no_grad():  # no backward follows: every call is an iteration
         model(x1)
         model(x2)  # weights unchanged: compensation is a no-op, stats pool both batches
         pooled = torch.cat([conv(x1), conv(x2)])
@@ -254,10 +373,12 @@ def test_convert_cbn_on_a_plain_pytorch_resnet_like_model():
     converted = convert_cbn(model, window_size=2)
     layers = [m for m in converted.modules() if isinstance(m, CrossIterationBatchNorm2d)]
     assert len(layers) == 2 and all(m.paired_conv is not None for m in layers)
+    assert all(not m.detach_compensation for m in layers)  # the exact gradient by default
     assert layers[0].running_mean[0].item() == pytest.approx(0.3)
     assert not layers[1].weight.requires_grad
     for _ in range(3):
         converted(torch.randn(2, 3, 8, 8)).sum().backward()
+    assert [m.steps for m in layers] == [3, 3]
 
 
 def test_unpaired_layer_and_bad_arguments_get_clear_errors():
@@ -265,11 +386,15 @@ def test_unpaired_layer_and_bad_arguments_get_clear_errors():
         CrossIterationBatchNorm2d(4, window_size=0)
     with pytest.raises(ValueError, match='compensation'):
         CrossIterationBatchNorm2d(4, compensation='taylr')
+    with pytest.raises(TypeError, match='detach_compensation=True'):
+        CrossIterationBatchNorm2d(4, backprop_past_stats=True)
     unpaired = nn.Sequential(nn.Linear(4, 4), nn.Unflatten(1, (4, 1, 1)),
                              CrossIterationBatchNorm2d(4, window_size=2))
     with pytest.raises(RuntimeError, match=r"'2'.*pair_cbn_layers"):
         unpaired[2].layer_name = '2'
         unpaired(torch.randn(3, 4))
+    # the failed call changed nothing
+    assert unpaired[2].steps == 0 and unpaired[2].num_batches_tracked.item() == 0
     with pytest.raises(RuntimeError, match='2'):
         pair_cbn_layers(unpaired)
     naive = nn.Sequential(nn.Linear(4, 4), nn.Unflatten(1, (4, 1, 1)),
@@ -295,6 +420,40 @@ def test_wrong_pairing_is_detected_at_run_time():
         model(torch.randn(2, 4, 3, 3))
 
 
+def _conv_subclasses():
+    from mmcv.cnn import ConvAWS2d, ConvWS2d
+    from mmcv.cnn.bricks import Conv2dAdaptivePadding
+    from mmcv.ops import SAConv2d
+    return {'ConvWS2d': ConvWS2d(4, 6, 3, padding=1),
+            'ConvAWS2d': ConvAWS2d(4, 6, 3, padding=1),
+            'Conv2dAdaptivePadding': Conv2dAdaptivePadding(4, 6, 3, stride=2),
+            'SAConv2d': SAConv2d(4, 6, 3, padding=1, use_deform=False)}
+
+
+@pytest.mark.parametrize('name', ['ConvWS2d', 'ConvAWS2d', 'Conv2dAdaptivePadding', 'SAConv2d'])
+def test_convs_that_transform_weight_or_input_are_refused(name):
+    conv = _conv_subclasses()[name]
+    model = nn.Sequential(conv, CrossIterationBatchNorm2d(6, window_size=2))
+    pair_cbn_layers(model)
+    with pytest.raises(RuntimeError, match=f"{name}.*compensation='none'"):
+        model(torch.randn(2, 4, 9, 9))
+    assert model[1].steps == 0 and model[1].num_batches_tracked.item() == 0
+    naive = nn.Sequential(conv, CrossIterationBatchNorm2d(6, window_size=2, compensation='none'))
+    for _ in range(2):
+        naive(torch.randn(2, 4, 9, 9)).sum().backward()
+
+
+def test_plain_conv_wrappers_pair_and_train():
+    from mmcv.cnn.bricks.wrappers import Conv2d
+    for conv in (nn.Conv2d(4, 6, 3, padding=1), Conv2d(4, 6, 3, padding=1),
+                 nn.Conv2d(4, 6, 3, padding='same', bias=True)):
+        model = nn.Sequential(conv, CrossIterationBatchNorm2d(6, window_size=2))
+        pair_cbn_layers(model)
+        for _ in range(3):
+            model(torch.randn(2, 4, 9, 9)).sum().backward()
+        assert model[1].steps == 3
+
+
 @pytest.mark.parametrize('new_window', [2, 5])
 def test_changing_the_window_keeps_the_newest_records(new_window):
     model = conv_cbn(window_size=3)
@@ -303,7 +462,8 @@ def test_changing_the_window_keeps_the_newest_records(new_window):
     past = []
     for _ in range(4):
         x = torch.randn(2, 4, 5, 5, dtype=torch.float64)
-        model(x)
+        with torch.no_grad():
+            model(x)
         past.append((x, conv.weight.detach().clone(), None))
         with torch.no_grad():
             conv.weight.add_(0.01 * torch.randn_like(conv.weight))
@@ -313,4 +473,4 @@ def test_changing_the_window_keeps_the_newest_records(new_window):
     expected = literal_cbn(conv(x).detach(), kept, conv.weight.detach().clone(), None, kwargs,
                            cbn.weight.detach(), cbn.bias.detach(), cbn.eps)
     torch.testing.assert_close(model(x).detach(), expected, rtol=1e-9, atol=1e-9)
-    assert cbn.history.slots == new_window - 1
+    assert cbn.histories[0].slots == new_window - 1

@@ -26,14 +26,14 @@ def _is_png(path: Path) -> bool:
 
 def test_demo_quick(tmp_path: Path) -> None:
     out = _run(['experiments/demo.py', '--quick', '--work-dir', str(tmp_path)], timeout=600)
-    for label in ('| head BN |', '| head CBN |', '| head CBN, backprop_past_stats |'):
+    for label in ('| head BN |', '| head CBN |', '| head CBN, detached (authors) |'):
         assert label in out
     assert 'Epoch(train)' in out  # mmengine's progress output is shown
     assert 'CBN window 8' in out  # the burn-in hook switched to the full window
 
     results = json.loads((tmp_path / 'demo_results.json').read_text())
     assert results['quick'] is True
-    assert set(results['results']) == {'bn', 'cbn', 'cbn_bp'}
+    assert set(results['results']) == {'bn', 'cbn', 'cbn_detached'}
     for res in results['results'].values():
         assert set(res['final']) == {'bbox_mAP', 'bbox_mAP_50', 'bbox_mAP_75', 'segm_mAP',
                                      'segm_mAP_50', 'segm_mAP_75'}
@@ -48,7 +48,7 @@ def test_demo_quick(tmp_path: Path) -> None:
 def test_small_batch_quick(tmp_path: Path) -> None:
     out = _run(['benchmarks/small_batch.py', '--quick', '--out-dir', str(tmp_path)], timeout=300)
     assert '| norm | 16 img/batch | 2 img/batch |' in out
-    for label in ('| BN |', '| GN |', '| Naive CBN |', '| CBN |', '| CBN, backprop_past_stats |'):
+    for label in ('| BN |', '| GN |', '| Naive CBN |', '| CBN |', '| CBN, detached (authors) |'):
         assert label in out
 
     results = json.loads((tmp_path / 'small_batch.json').read_text())
@@ -60,7 +60,7 @@ def test_small_batch_quick(tmp_path: Path) -> None:
             assert 0.0 <= cell['mean'] <= 100.0 and cell['runs'] == 1, (norm, batch)
     # At 16 images per batch the CBN window is 1: CBN and Naive CBN are exactly BN.
     acc16 = {r['norm']: r['test_accuracy'] for r in results['runs'] if r['batch'] == 16}
-    assert acc16['cbn'] == acc16['bn'] == acc16['naive_cbn'] == acc16['cbn_bp']
+    assert acc16['cbn'] == acc16['bn'] == acc16['naive_cbn'] == acc16['cbn_detached']
     assert _is_png(tmp_path / 'small_batch.png')
 
 

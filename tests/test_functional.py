@@ -1,11 +1,13 @@
-"""The closed-form statistic gradients and the compensation, against autograd and the truth."""
+"""The closed-form statistic gradients, the compensation and the window normalization, against
+autograd, the literal reference and the truth."""
 import pytest
 import torch
 from torch import nn
 
 from cbn_reference import compensated, conv_kwargs, stats_and_grads
-from mmdet_cbn.functional import (ConvGeometry, all_finite, compensate, grad_nu_wrt_weight,
-                                  mean_input_patch, past_sums, window_normalize)
+from mmdet_cbn.functional import (ConvGeometry, _PastRecords, all_finite, compensate,
+                                  grad_var_wrt_weight, mean_input_patch, record_statistics,
+                                  update_running_stats, window_normalize)
 
 CONVS = {
     'plain': dict(in_channels=4, out_channels=6, kernel_size=3, padding=1),
@@ -19,24 +21,25 @@ CONVS = {
 }
 
 
-def make(name, seed=0, batch=3):
+def make(name, seed=0, batch=3, size=(11, 10)):
     torch.manual_seed(seed)
     kwargs = dict(bias=False, **CONVS[name]) if 'bias' not in CONVS[name] else CONVS[name]
     conv = nn.Conv2d(**kwargs).double()
-    x = torch.randn(batch, conv.in_channels, 11, 10, dtype=torch.float64)
+    x = torch.randn(batch, conv.in_channels, *size, dtype=torch.float64)
     return conv, x
 
 
-def history_of(conv, x):
-    """What the layer records for one iteration, stacked as a 1-slot history."""
-    geometry = ConvGeometry.of(conv)
+def moments(y):
+    return y.mean((0, 2, 3)), y.var((0, 2, 3), unbiased=False)
+
+
+def record_of(conv, x):
+    """The record of one iteration, stacked as a 1-slot window (``compensate``'s keywords)."""
     y = conv(x).detach()
-    xbar = mean_input_patch(x, geometry, y.shape[2:])
-    grad_nu = grad_nu_wrt_weight(x, y, geometry)
-    mu, nu = y.mean((0, 2, 3)), y.square().mean((0, 2, 3))
-    s = (grad_nu * conv.weight.detach().reshape(conv.out_channels, -1)).sum(1)
-    bias = conv.bias.detach().clone() if conv.bias is not None else torch.zeros_like(mu)
-    return (xbar[None], grad_nu[None], nu[None], mu[None], s[None], bias[None])
+    mean, var = moments(y)
+    record = record_statistics(x, y, mean, var, conv.weight.detach(), ConvGeometry.of(conv))
+    return dict(mean=record.mean[None], var_intercept=record.var_intercept[None],
+                xbar=record.xbar[None], grad_var=record.grad_var[None])
 
 
 @pytest.mark.parametrize('batch', [3, 6])  # Xbar sums the batch first above 4 images
@@ -45,100 +48,141 @@ def test_closed_form_gradients_match_autograd(name, batch):
     conv, x = make(name, batch=batch)
     geometry = ConvGeometry.of(conv)
     y = conv(x).detach()
-    _, _, (dmu, dnu) = stats_and_grads(x, conv.weight, conv.bias, conv_kwargs(conv))
+    mu, _, (dmu, dnu) = stats_and_grads(x, conv.weight, conv.bias, conv_kwargs(conv))
     dmu_ref = torch.stack([g[0].reshape(-1) for g in dmu])
-    dnu_ref = torch.stack([g[0].reshape(-1) for g in dnu])
+    dvar_ref = torch.stack([g[0].reshape(-1) for g in dnu]) - 2 * mu[:, None] * dmu_ref
     xbar = mean_input_patch(x, geometry, y.shape[2:])
     per_group = conv.out_channels // conv.groups
     torch.testing.assert_close(xbar.repeat_interleave(per_group, 0), dmu_ref, rtol=1e-10,
                                atol=1e-12)
-    torch.testing.assert_close(grad_nu_wrt_weight(x, y, geometry), dnu_ref, rtol=1e-10,
+    torch.testing.assert_close(grad_var_wrt_weight(x, y, mu, geometry), dvar_ref, rtol=1e-10,
                                atol=1e-12)
 
 
 @pytest.mark.parametrize('name', list(CONVS))
 def test_compensated_mean_is_exact_and_variance_error_is_second_order(name):
     conv, x_old = make(name)
-    record = history_of(conv, x_old)
+    record = record_of(conv, x_old)
     torch.manual_seed(1)
     for step in (1e-2, 1e-3):
         dw = step * torch.randn_like(conv.weight)
         db = None if conv.bias is None else step * torch.randn_like(conv.bias)
         w_new = conv.weight.detach() + dw
         b_new = None if conv.bias is None else conv.bias.detach() + db
-        mu_hat, nu_hat = compensate(w_new, b_new, *record)
+        mu_hat, var_hat, _ = compensate(w_new, b_new, **record)
         y_new = nn.functional.conv2d(x_old, w_new, b_new, **conv_kwargs(conv))
-        torch.testing.assert_close(mu_hat[0], y_new.mean((0, 2, 3)), rtol=1e-10, atol=1e-12)
+        mu_new, var_new = moments(y_new)
+        torch.testing.assert_close(mu_hat[0], mu_new, rtol=1e-10, atol=1e-12)
+        # Eq. 8 drops mean(conv(x_old; dW, db)^2) from nu, and mu_hat is exact
         second_order = nn.functional.conv2d(x_old, dw, db, **conv_kwargs(conv))
-        torch.testing.assert_close(y_new.square().mean((0, 2, 3)) - nu_hat[0],
-                                   second_order.square().mean((0, 2, 3)), rtol=1e-7,
-                                   atol=1e-12)
+        torch.testing.assert_close(var_new - var_hat[0], second_order.square().mean((0, 2, 3)),
+                                   rtol=1e-7, atol=1e-12)
         # and it agrees with the literal Taylor step of the reference (Eq. 7, 8)
         ref_mu, ref_nu = compensated(x_old, conv.weight.detach(), conv.bias, w_new, b_new,
                                      conv_kwargs(conv))
         torch.testing.assert_close(mu_hat[0], ref_mu, rtol=1e-10, atol=1e-12)
-        torch.testing.assert_close(nu_hat[0], ref_nu, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(var_hat[0], ref_nu - ref_mu.square(), rtol=1e-9,
+                                   atol=1e-11)
 
 
+@pytest.mark.parametrize('size', [(11, 10), (7, 5), (1, 1)])
 @pytest.mark.parametrize('s', [2, 3])
-@pytest.mark.parametrize('name', ['strided', 'biased_1x1', 'strided_grouped_1x1'])
-def test_sampled_grad_nu_is_unbiased_over_offsets(name, s):
-    conv, x = make(name)
+@pytest.mark.parametrize('name', ['strided', 'plain', 'biased_1x1', 'strided_grouped_1x1'])
+def test_sampled_grad_var_is_unbiased_for_every_map_size(name, s, size):
+    """The average over all offsets is the exact ``d var / d W``, whether or not the stride
+    divides the output size, and a map smaller than the offset gives an empty sample."""
+    conv, x = make(name, size=size)
     geometry = ConvGeometry.of(conv)
     y = conv(x).detach()
-    exact = grad_nu_wrt_weight(x, y, geometry)
-    sampled = [grad_nu_wrt_weight(x, y, geometry, s, (i, j)) for i in range(s) for j in range(s)]
-    # every output position is in exactly one offset grid; equal grid sizes -> exact average
-    h, w = y.shape[2:]
-    counts = torch.tensor([len(range(i, h, s)) * len(range(j, w, s))
-                           for i in range(s) for j in range(s)], dtype=torch.float64)
-    weighted = sum(c * g for c, g in zip(counts, sampled)) / counts.sum()
-    torch.testing.assert_close(weighted, exact, rtol=1e-10, atol=1e-12)
-    assert not torch.allclose(sampled[0], exact)
+    mean = y.mean((0, 2, 3))
+    exact = grad_var_wrt_weight(x, y, mean, geometry)
+    sampled = [grad_var_wrt_weight(x, y, mean, geometry, stride=s, offset=(i, j))
+               for i in range(s) for j in range(s)]
+    torch.testing.assert_close(sum(sampled) / s ** 2, exact, rtol=1e-12, atol=1e-12)
+    if y.shape[2] * y.shape[3] > 1:
+        assert not torch.allclose(sampled[0], exact)
 
 
-def test_window_aggregation_ignores_invalid_slots_and_clamps_variance():
-    y = torch.tensor([1.0, 1.0, 1.0, 3.0]).view(2, 2, 1, 1)  # ch0: 1, 1 (mu 1, nu 1); ch1: 1, 3
-    mu_hat = torch.tensor([[3.0, 2.0], [float('nan'), 5.0]])
-    nu_hat = torch.tensor([[1.0, 5.0], [float('nan'), 1.0]])  # slot 0 ch 0: nu_hat < mu_hat^2
-    past_mu, past_nu, k = past_sums(mu_hat, nu_hat, torch.tensor([True, False]))
-    assert k.item() == 2
-    torch.testing.assert_close(past_nu, torch.tensor([9.0, 5.0]))  # max(1, 3^2), max(5, 4)
-    out, mu, nu, mu_bar, var_bar = window_normalize(y, None, None, past_mu, past_nu, k, 0.0)
-    torch.testing.assert_close(mu_bar, torch.tensor([2.0, 2.0]))
-    # ch0: nu_bar = (1 + 9) / 2 = 5 -> var 1; ch1: (5 + 5) / 2 - 4 = 1
-    torch.testing.assert_close(var_bar, torch.tensor([1.0, 1.0]))
-    torch.testing.assert_close(out.flatten(), torch.tensor([-1.0, -1.0, -1.0, 1.0]))
-    # inconsistent sums (only rounding can make them so): sigma2_bar is clamped at 0
-    _, _, _, _, var_bar = window_normalize(torch.zeros(2, 1, 1, 1), None, None,
-                                           torch.tensor([2.0]), torch.tensor([0.0]),
-                                           torch.tensor(2.0), 1e-5)
-    assert var_bar.item() == 0.0
+@pytest.mark.parametrize('images', [16, 19])
+def test_sampled_grad_var_over_images_is_unbiased(images):
+    """RoI heads: every s^2-th image from a drawn offset; unbiased for any number of RoIs."""
+    conv, x = make('plain', batch=images, size=(5, 5))
+    geometry = ConvGeometry.of(conv)
+    y = conv(x).detach()
+    mean, var = moments(y)
+    weight = conv.weight.detach()
+    exact = record_statistics(x, y, mean, var, weight, geometry).grad_var
+    sampled = [record_statistics(x, y, mean, var, weight, geometry, grad_stride=2,
+                                 draw=(i, 0)).grad_var for i in range(4)]
+    torch.testing.assert_close(sum(sampled) / 4, exact, rtol=1e-12, atol=1e-12)
 
 
-def test_window_normalize_backward_is_the_autograd_of_eq_9_11():
+def test_stable_aggregation_equals_eq_10_and_clamps_each_slot():
+    """``var_bar = mean(max(var_hat, 0)) + mean((mu_hat - mu_bar)^2)`` is Eq. 10's
+    ``mean(max(nu_hat, mu_hat^2)) - mu_bar^2``; an invalid slot (weight 0) is ignored."""
+    y = torch.tensor([1.0, 1.0, 1.0, 3.0], dtype=torch.float64).view(2, 2, 1, 1)
+    mean = torch.tensor([[3.0, 2.0], [7.0, 5.0]], dtype=torch.float64)
+    var = torch.tensor([[-8.0, 1.0], [4.0, 1.0]], dtype=torch.float64)  # slot 0 ch 0: < 0
+    past = _PastRecords(mean, var, torch.tensor([1.0, 0.0], dtype=torch.float64), None, None)
+    out, mu, v, mu_bar, var_bar = window_normalize(y, None, None, 0.0, past=past)
+    torch.testing.assert_close(mu_bar, torch.tensor([2.0, 2.0], dtype=torch.float64))
+    nu = torch.stack([y.square().mean((0, 2, 3)), mean[0].square() + var[0].clamp_min(0)])
+    torch.testing.assert_close(var_bar, nu.mean(0) - mu_bar.square())  # ch0 1, ch1 1.5
+    torch.testing.assert_close(out[:, 0].flatten(), torch.tensor([-1.0, -1.0],
+                                                                 dtype=torch.float64))
+
+
+def test_window_normalize_backward_is_the_autograd_of_eq_7_11():
+    """Gradients to ``y``, the affine parameters and, through the compensation, the conv weight
+    and bias, equal autograd through the composite of Eq. 7-11 (gradcheck, float64)."""
     torch.manual_seed(0)
-    y = torch.randn(3, 4, 5, 5, dtype=torch.float64, requires_grad=True)
-    w = torch.rand(4, dtype=torch.float64, requires_grad=True)
-    b = torch.randn(4, dtype=torch.float64, requires_grad=True)
-    past_mu, past_nu = torch.randn(4, dtype=torch.float64), 3 + torch.rand(4, dtype=torch.float64)
-    k = torch.tensor(3.0, dtype=torch.float64)
+    conv = nn.Conv2d(4, 6, 3, padding=1, groups=2).double()
+    history = [record_of(conv, torch.randn(2, 4, 5, 5, dtype=torch.float64)) for _ in range(3)]
+    past = {k: torch.cat([h[k] for h in history]) for k in history[0]}
+    past['var_intercept'][1, 2] -= 50.0  # one slot clamped at 0
+    weights = torch.tensor([1.0, 0.0, 1.0], dtype=torch.float64)
+    records = _PastRecords(past['mean'], past['var_intercept'], weights, past['xbar'],
+                           past['grad_var'])
+    y = torch.randn(3, 6, 4, 4, dtype=torch.float64, requires_grad=True)
+    gamma = torch.rand(6, dtype=torch.float64, requires_grad=True)
+    beta = torch.randn(6, dtype=torch.float64, requires_grad=True)
+    w = (conv.weight.detach() + 0.05 * torch.randn_like(conv.weight)).requires_grad_()
+    b = torch.randn(6, dtype=torch.float64, requires_grad=True)
 
-    def composite(y, w, b):
-        mu, nu = y.mean((0, 2, 3)), y.square().mean((0, 2, 3))
-        mu_bar, nu_bar = (mu + past_mu) / k, (nu + past_nu) / k
-        std = torch.sqrt(nu_bar - mu_bar.square() + 1e-5)
-        return (y - mu_bar.view(1, -1, 1, 1)) / std.view(1, -1, 1, 1) * w.view(1, -1, 1, 1) \
-            + b.view(1, -1, 1, 1)
+    def composite(y, gamma, beta, w, b):
+        mu_hat, var_hat, _ = compensate(w, b, **past)
+        keep = weights.bool()
+        mus = torch.cat([y.mean((0, 2, 3))[None], mu_hat[keep]])
+        nus = torch.cat([y.square().mean((0, 2, 3))[None],
+                         var_hat[keep].clamp_min(0) + mu_hat[keep].square()])
+        mu_bar = mus.mean(0)
+        std = torch.sqrt(nus.mean(0) - mu_bar.square() + 1e-5)
+        return ((y - mu_bar.view(1, -1, 1, 1)) / std.view(1, -1, 1, 1) * gamma.view(1, -1, 1, 1)
+                + beta.view(1, -1, 1, 1))
 
-    def fused(y, w, b):
-        return window_normalize(y, w, b, past_mu, past_nu, k, 1e-5)[0]
+    def fused(y, gamma, beta, w, b):
+        return window_normalize(y, gamma, beta, 1e-5, weight=w, bias=b, past=records)[0]
 
-    torch.testing.assert_close(fused(y, w, b), composite(y, w, b))
-    assert torch.autograd.gradcheck(fused, (y, w, b))
-    g = torch.randn(3, 4, 5, 5, dtype=torch.float64)
-    torch.testing.assert_close(torch.autograd.grad(fused(y, w, b), (y, w, b), g),
-                               torch.autograd.grad(composite(y, w, b), (y, w, b), g))
+    inputs = (y, gamma, beta, w, b)
+    torch.testing.assert_close(fused(*inputs), composite(*inputs))
+    assert torch.autograd.gradcheck(fused, inputs)
+    g = torch.randn(3, 6, 4, 4, dtype=torch.float64)
+    torch.testing.assert_close(torch.autograd.grad(fused(*inputs), inputs, g),
+                               torch.autograd.grad(composite(*inputs), inputs, g))
+
+
+def test_update_running_stats_is_bn_and_keeps_buffers_on_bad_statistics():
+    running_mean, running_var = torch.zeros(3), torch.ones(3)
+    update_running_stats(running_mean, running_var, torch.tensor([1.0, 2.0, 3.0]),
+                         torch.tensor([2.0, 2.0, 2.0]), count=5, factor=0.1,
+                         keep=torch.tensor(True))
+    torch.testing.assert_close(running_mean, torch.tensor([0.1, 0.2, 0.3]))
+    torch.testing.assert_close(running_var, torch.full((3,), 0.9 + 0.1 * 2.0 * 5 / 4))
+    before = running_mean.clone(), running_var.clone()
+    update_running_stats(running_mean, running_var, torch.tensor([float('nan'), 1.0, 1.0]),
+                         torch.tensor([float('inf'), 1.0, 1.0]), count=torch.tensor(5.0),
+                         factor=0.1, keep=torch.tensor(False))
+    torch.testing.assert_close((running_mean, running_var), before)
 
 
 def test_all_finite_flags_nan_and_both_infinities_only():

@@ -77,7 +77,7 @@ def test_recorder_catches_the_usual_host_syncs():
 
 @pytest.mark.parametrize('options', [dict(window_size=4), dict(window_size=4, bias=True),
                                      dict(window_size=4, grad_nu_stride=2),
-                                     dict(window_size=4, backprop_past_stats=True),
+                                     dict(window_size=4, detach_compensation=True),
                                      dict(window_size=4, compensation='none'),
                                      dict(window_size=1)])
 def test_training_and_eval_steps_have_no_host_sync(options, meta_autocast):

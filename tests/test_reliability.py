@@ -72,14 +72,15 @@ def test_resume_continues_exactly(tmp_path):
     # interrupted run: 2 epochs (past the 1-epoch burn-in), then resume to 4 from its checkpoint
     runner, _ = make_runner(tmp_path / 'cut', max_epochs=2)
     runner.train()
-    before = {n: copy.deepcopy(m.history) for n, m in cbn_layers(runner.model)}
-    assert all(h is not None and h.written == 2 for h in before.values())
+    before = {n: m.histories[0].state() for n, m in cbn_layers(runner.model)}
+    assert all(m.histories[0].filled == 2 for _, m in cbn_layers(runner.model))
     runner, resumed = make_runner(tmp_path / 'cut', max_epochs=4, resume=True)
     runner.train()
     assert sorted(resumed.losses) == list(range(8, 16))
     assert [resumed.losses[i] for i in range(8, 16)] == [full.losses[i] for i in range(8, 16)]
     state = torch.load(tmp_path / 'cut' / 'epoch_2.pth', weights_only=False)['state_dict']
-    torch.testing.assert_close(state['norm2.cbn_history.grad_nu'], before['norm2'].grad_nu)
+    torch.testing.assert_close(state['norm2.cbn_history.0.grad_var'], before['norm2']['grad_var'])
+    torch.testing.assert_close(state['norm2.cbn_history.0.pending'], before['norm2']['pending'])
     assert state['norm2.cbn_steps'].item() == 8
 
 
@@ -99,8 +100,7 @@ def test_bf16_autocast_trains_and_keeps_statistics_float32(tmp_path, monkeypatch
     assert all(torch.isfinite(torch.tensor(list(recorder.losses.values()))))
     assert runner.optim_wrapper.cast_dtype == torch.bfloat16
     for _, layer in cbn_layers(runner.model):
-        assert layer.history.grad_nu.dtype == torch.float32
-        assert layer.history.stats.dtype == torch.float32
+        assert layer.histories[0].records.dtype == torch.float32
         assert layer.running_var.dtype == torch.float32
 
 
@@ -108,17 +108,23 @@ def test_autocast_output_dtype_follows_the_input():
     model = nn.Sequential(nn.Conv2d(3, 4, 3), CrossIterationBatchNorm2d(4, window_size=2))
     pair_cbn_layers(model)
     with torch.autocast('cpu', dtype=torch.bfloat16):
-        for _ in range(2):
+        for _ in range(3):
             out = model(torch.randn(2, 3, 6, 6))
-    assert out.dtype == torch.bfloat16 and model[1].history.xbar.dtype == torch.float32
+            out.float().sum().backward()
+    assert out.dtype == torch.bfloat16 and model[1].histories[0].xbar.dtype == torch.float32
 
 
-def paired(window=3, bias=False, seed=0):
+def paired(window=3, bias=False, seed=0, padding=1, **kw):
     torch.manual_seed(seed)
-    model = nn.Sequential(nn.Conv2d(4, 5, 3, padding=1, bias=bias),
-                          CrossIterationBatchNorm2d(5, window_size=window)).double()
+    model = nn.Sequential(nn.Conv2d(4, 5, 3, padding=padding, bias=bias),
+                          CrossIterationBatchNorm2d(5, window_size=window, **kw)).double()
     pair_cbn_layers(model)
     return model
+
+
+def backward(out):
+    """End an iteration: a backward pass through the layer."""
+    (out * torch.randn_like(out)).sum().backward()
 
 
 def test_frozen_conv_makes_compensation_a_no_op():
@@ -128,13 +134,16 @@ def test_frozen_conv_makes_compensation_a_no_op():
     naive[1].compensation = 'none'
     for _ in range(4):
         x = torch.randn(2, 4, 6, 6, dtype=torch.float64)
-        torch.testing.assert_close(model(x), naive(x))
+        out, out_naive = model(x), naive(x)
+        torch.testing.assert_close(out, out_naive)
+        backward(out)
+        backward(out_naive)
 
 
 def test_norm_eval_uses_running_statistics_like_bn():
     model = paired()
     for _ in range(3):
-        model(torch.randn(2, 4, 6, 6, dtype=torch.float64))
+        backward(model(torch.randn(2, 4, 6, 6, dtype=torch.float64)))
     model[1].eval()
     bn = nn.BatchNorm2d(5).double().eval()
     bn.load_state_dict(model[1].state_dict(), strict=False)
@@ -165,24 +174,38 @@ def test_non_finite_batch_stays_out_of_history_and_running_stats(caplog):
             torch.testing.assert_close(out.detach(), expected)
             assert torch.isfinite(cbn.running_var).all()
         past.append(None if step == 2 else (x, conv.weight.detach().clone(), None))
+        model.zero_grad()
+        backward(out)
+        if step > 2:  # the NaN record is out of the weight gradient too (no NaN * 0)
+            assert torch.isfinite(conv.weight.grad).all()
         with torch.no_grad():
             conv.weight.add_(0.01 * torch.randn_like(conv.weight))
 
 
-def test_non_finite_record_leaves_gradients_through_the_compensation_finite():
-    """With ``backprop_past_stats`` a NaN record in the history stays out of the weight
-    gradient (no NaN * 0) while it is in the window."""
-    model = paired(window=3)
-    model[1].backprop_past_stats = True
-    for step in range(4):
-        x = torch.randn(2, 4, 6, 6, dtype=torch.float64)
-        if step == 1:
-            x[0, 0, 0, 0] = float('nan')
-        model.zero_grad()
-        out = model(x)
-        (out * torch.randn_like(out)).sum().backward()
-        if step > 1:
-            assert torch.isfinite(out).all() and torch.isfinite(model[0].weight.grad).all()
+def test_non_finite_compensated_statistics_are_not_committed():
+    """A finite record can compensate to a non-finite window (here: a weight jump that
+    overflows float32's variance): that step reaches neither the running statistics nor the
+    history, and later steps are clean."""
+    model = paired(window=3).float()
+    conv, cbn = model
+    for _ in range(3):
+        backward(model(torch.randn(2, 4, 6, 6)))
+    before = copy.deepcopy(cbn.state_dict())
+    saved = conv.weight.detach().clone()
+    with torch.no_grad():
+        conv.weight.mul_(1e30)
+    backward(model(torch.randn(2, 4, 6, 6)))
+    for key in ('running_mean', 'running_var'):
+        torch.testing.assert_close(cbn.state_dict()[key], before[key], msg=key)
+    assert cbn.nonfinite_batches.item() == 1
+    with torch.no_grad():
+        conv.weight.copy_(saved)
+    for _ in range(3):
+        out = model(torch.randn(2, 4, 6, 6))
+        assert torch.isfinite(out).all()
+        backward(out)
+    assert torch.isfinite(cbn.running_var).all() and torch.isfinite(cbn.running_mean).all()
+    assert torch.isfinite(cbn.histories[0].records).all()
 
 
 def test_zero_variance_channel_and_single_value_batches():
@@ -194,32 +217,37 @@ def test_zero_variance_channel_and_single_value_batches():
     assert torch.isfinite(out).all() and torch.isfinite(model[0].weight.grad).all()
     torch.testing.assert_close(out[:, 1], torch.full_like(out[:, 1], model[1].bias[1].item()))
     # 1 image of 1x1: like BN it can't normalize with no past statistics...
-    one = paired(window=2)
-    one[0].padding = (0, 0)
+    one = paired(window=2, padding=0)
     with pytest.raises(ValueError, match='more than 1 value'):
         one(torch.randn(1, 4, 3, 3, dtype=torch.float64))
     with pytest.raises(ValueError, match='more than 1 value'):
         one[1].set_window(1)
         one(torch.randn(1, 4, 3, 3, dtype=torch.float64))
+    assert one[1].steps == 0 and one[1].num_batches_tracked.item() == 0  # nothing advanced
     # ...but once the window holds a past batch it can
     one[1].set_window(2)
-    one(torch.randn(3, 4, 3, 3, dtype=torch.float64))
+    backward(one(torch.randn(3, 4, 3, 3, dtype=torch.float64)))
     out = one(torch.randn(1, 4, 3, 3, dtype=torch.float64))
     assert out.shape == (1, 5, 1, 1) and torch.isfinite(out).all()
 
 
 def test_empty_batch_keeps_history_and_statistics():
+    """An iteration without RoIs changes no statistic and leaves the window as it was."""
     model = paired(window=3)
     for _ in range(2):
-        model(torch.randn(2, 4, 5, 5, dtype=torch.float64))
+        backward(model(torch.randn(2, 4, 5, 5, dtype=torch.float64)))
     cbn = model[1]
+    skipped = copy.deepcopy(model)
     before = copy.deepcopy(cbn.state_dict())
+    model.zero_grad()
     out = model(torch.randn(0, 4, 5, 5, dtype=torch.float64))
     out.sum().backward()
     assert out.shape == (0, 5, 5, 5)
-    for key, value in cbn.state_dict().items():
-        torch.testing.assert_close(value, before[key], msg=key)
+    for key in ('running_mean', 'running_var', 'num_batches_tracked', 'cbn_nonfinite_batches'):
+        torch.testing.assert_close(cbn.state_dict()[key], before[key], msg=key)
     assert torch.count_nonzero(cbn.weight.grad) == 0
+    x = torch.randn(2, 4, 5, 5, dtype=torch.float64)
+    torch.testing.assert_close(model(x), skipped(x), rtol=0, atol=0)
 
 
 def test_unknown_config_key_names_the_fix():
