@@ -2,8 +2,8 @@
 
 Importing the package registers, here and only here, the norm layer ``'CBN'`` in the OpenMMLab
 root model registry (so ``norm_cfg=dict(type='CBN', window_size=4)`` works wherever mmcv builds
-a norm layer) and ``CBNBurnInHook`` in the hook registry, and applies the fixes for the pinned
-stack (:mod:`mmdet_cbn.compat`).
+a norm layer) and ``CBNBurnInHook`` in the hook registry. Nothing else changes globally: the
+fixes for the pinned stack (:mod:`mmdet_cbn.compat`) apply only where asked for.
 """
 from .cbn import CrossIterationBatchNorm2d
 from .pairing import cbn_layers, convert_cbn, pair_cbn_layers
@@ -19,10 +19,8 @@ except ImportError:  # the layer itself needs only torch
 else:
     from mmengine.registry import HOOKS, MODELS
 
-    from . import compat
     from .hooks import CBNBurnInHook
 
     MODELS.register_module('CBN', module=CrossIterationBatchNorm2d)
     HOOKS.register_module(module=CBNBurnInHook)
-    compat.apply()
     __all__ += ['CBNBurnInHook']

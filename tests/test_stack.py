@@ -3,7 +3,8 @@
 mmdet's packaged ``faster-rcnn_r50_fpn_1x_coco`` config is built on CPU with
 pretrained init disabled, trains one iteration on the digits COCO dataset, is
 evaluated by mmdet's ``CocoMetric`` (pycocotools) in a test pass, and a checkpoint
-saved by the Runner loads back with ``resume=True``.
+saved by the Runner loads back with ``resume=True`` (through torch's safe loader, with
+``runner_checkpoint_globals``).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from mmdet.utils import register_all_modules
 from mmengine.runner import Runner
 
 from digits_coco import DIGITS_CLASSES
+from mmdet_cbn.compat import runner_checkpoint_globals
 from smoke import cpu_smoke_cfg, load_mmdet_config
 
 FASTER_RCNN = 'faster_rcnn/faster-rcnn_r50_fpn_1x_coco.py'
@@ -125,5 +127,6 @@ def test_faster_rcnn_trains_evaluates_and_resumes(digits_coco: Path, tmp_path: P
                        experiment_name='faster_rcnn_resumed')
     resumed_cfg.train_cfg.max_epochs = 2
     resumed = Runner.from_cfg(resumed_cfg)
-    resumed.train()
+    with runner_checkpoint_globals():
+        resumed.train()
     assert (resumed.iter, resumed.epoch) == (2, 2), 'epoch 1 came from the checkpoint'

@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from mmengine.config import Config
 
 from smoke import cpu_smoke_cfg
@@ -36,17 +37,17 @@ def small_config(digits_coco: Path, path: Path, *, train_images: int) -> Path:
     return path
 
 
-def run(*args: str | Path, **env: str) -> str:
+def run(*args: str | Path, succeeds: bool = True, **env: str) -> str:
     """Run a command in the repository root with extra environment variables ``env``.
 
     torch runs on one thread per process (torchrun's default for several processes): on a
     loaded 2-core machine more threads spin and wait on each other. Returns the output, and
-    fails with it if the command fails.
+    fails with it if the command does not succeed (or fail, with ``succeeds=False``).
     """
     proc = subprocess.run([str(a) for a in args], cwd=REPO, capture_output=True, text=True,
                           env={**os.environ, 'OMP_NUM_THREADS': '1', **env}, timeout=600)
     output = proc.stdout + proc.stderr
-    assert proc.returncode == 0, output[-5000:]
+    assert (proc.returncode == 0) == succeeds, output[-5000:]
     return output
 
 
@@ -76,6 +77,34 @@ def test_train_writes_a_checkpoint_that_test_evaluates(trained: tuple[Path, Path
     assert 'coco/bbox_mAP:' in output and 'coco/bbox_mAP_50:' in output
 
 
+def test_train_resumes_from_a_checkpoint(trained: tuple[Path, Path], tmp_path: Path):
+    config, checkpoint = trained
+    output = run(sys.executable, 'tools/train.py', config, '--work-dir', tmp_path, '--resume',
+                 checkpoint, '--cfg-options', 'train_cfg.max_epochs=2')
+    assert 'resumed epoch: 1, iter: 2' in output
+    assert (tmp_path / 'epoch_2.pth').is_file()
+
+
+class _Payload:
+    """Pickles as a call of ``print``: stands for any callable a malicious file could carry."""
+
+    def __reduce__(self):
+        return print, ('PAYLOAD RAN',)
+
+
+def test_test_refuses_a_checkpoint_carrying_a_callable(trained: tuple[Path, Path],
+                                                       tmp_path: Path):
+    config, checkpoint = trained
+    payload = torch.load(checkpoint, weights_only=False)
+    payload['meta']['note'] = _Payload()
+    torch.save(payload, tmp_path / 'payload.pth')
+    output = run(sys.executable, 'tools/test.py', config, tmp_path / 'payload.pth',
+                 '--work-dir', tmp_path, succeeds=False)
+    assert 'PAYLOAD RAN' not in output
+    assert 'UnpicklingError' in output and 'Unsupported global: GLOBAL print' in output
+    assert 'TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD' in output  # the note that names the ways out
+
+
 def test_dist_train_and_test_run_two_cpu_processes(digits_coco: Path, tmp_path: Path):
     config = small_config(digits_coco, tmp_path / 'cbn_small.py', train_images=8)
     work_dir = tmp_path / 'work'
@@ -86,6 +115,10 @@ def test_dist_train_and_test_run_two_cpu_processes(digits_coco: Path, tmp_path: 
     assert 'CBN window 4' in output and 'coco/bbox_mAP:' in output
     checkpoint = work_dir / 'epoch_1.pth'
     assert checkpoint.is_file()
+    # mmengine's default DDP wrapper, without the CUDA device_ids (compat.setup_cpu_distributed)
+    assert Config.fromfile(work_dir / 'cbn_small.py').model_wrapper_cfg == dict(
+        type='MMDistributedDataParallel', device_ids=None, broadcast_buffers=False,
+        find_unused_parameters=False)
     output = run('bash', 'tools/dist_test.sh', config, checkpoint, '2', '--work-dir', work_dir,
                  PORT=free_port())
     assert 'GPU number: 2' in output and 'coco/bbox_mAP:' in output

@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# Adapted from MMDetection's tools/dist_test.sh. Copyright (c) OpenMMLab. All rights reserved.
 # Usage: tools/dist_test.sh CONFIG CHECKPOINT GPUS [test.py options]
 # Multi-node: set NNODES, NODE_RANK, MASTER_ADDR and PORT on every node.
 # Without CUDA the GPUS processes test on CPU over gloo.
