@@ -1,7 +1,9 @@
 """``CBNBurnInHook``: pairs CBN layers, marks iterations and drives the burn-in window."""
 from __future__ import annotations
 
-from mmengine.hooks import Hook
+import torch.distributed as dist
+from mmengine.dist import get_dist_info
+from mmengine.hooks import CheckpointHook, Hook
 from mmengine.model import is_model_wrapper
 from mmengine.runner import EpochBasedTrainLoop
 
@@ -19,6 +21,11 @@ class CBNBurnInHook(Hook):
     iteration, or under gradient accumulation, count iterations exactly) and sets the window
     from ``runner.epoch`` / ``runner.iter``, so a resumed run continues with the right window;
     it logs each change and records the window as ``train/cbn_window``.
+
+    CBN statistics are per process, and mmengine saves rank 0's model only: before each
+    checkpoint the hook gathers every rank's CBN state into it (``cbn_rank_states``), and on
+    load gives each rank its own back. Resumed with another number of ranks, the windows start
+    empty (logged).
 
     Args:
         burnin_epochs: epochs with window 1 (paper: 3 on COCO). Exclusive with ``burnin_iters``.
@@ -40,6 +47,7 @@ class CBNBurnInHook(Hook):
         self.burnin_epochs = burnin_epochs
         self.burnin_iters = burnin_iters
         self._window_logged: bool | None = None
+        self._rank_states: dict | None = None
 
     @staticmethod
     def _model(runner):
@@ -82,6 +90,9 @@ class CBNBurnInHook(Hook):
                                    f'iteration {runner.iter + 1} ({phase})')
                 self._window_logged = burnin
 
+    def after_train_iter(self, runner, batch_idx: int, data_batch=None, outputs=None) -> None:
+        self._gather_before_save(runner, by_epoch=False)
+
     def after_train_epoch(self, runner) -> None:
         bad = {name: int(layer.nonfinite_batches) for name, layer in
                cbn_layers(self._model(runner)) if int(layer.nonfinite_batches)}
@@ -89,3 +100,53 @@ class CBNBurnInHook(Hook):
             runner.logger.warning(
                 f'CBN: non-finite batch statistics were kept out of the history and running '
                 f'statistics: {bad} (layer: batches so far). Check the loss and learning rate.')
+        self._gather_before_save(runner, by_epoch=True)
+
+    def _gather_before_save(self, runner, by_epoch: bool) -> None:
+        """On every rank, when the ``CheckpointHook`` is about to save (it runs after this
+        hook): collect each rank's CBN state on rank 0."""
+        rank, world_size = get_dist_info()
+        saver = next((h for h in runner.hooks if isinstance(h, CheckpointHook)), None)
+        if world_size == 1 or saver is None or saver.by_epoch != by_epoch:
+            return
+        if by_epoch:
+            due = saver.every_n_epochs(runner, saver.interval, saver.save_begin) or (
+                saver.save_last and saver.is_last_train_epoch(runner))
+        else:
+            due = saver.every_n_train_iters(runner, saver.interval, saver.save_begin) or (
+                saver.save_last and saver.is_last_train_iter(runner))
+        if not due:
+            return
+        state = {name: {key: value.cpu() for key, value in layer.state_dict().items()
+                        if key not in ('weight', 'bias')}
+                 for name, layer in cbn_layers(self._model(runner))}
+        gathered = [None] * world_size if rank == 0 else None
+        dist.gather_object(state, gathered, dst=0)
+        self._rank_states = gathered
+
+    def before_save_checkpoint(self, runner, checkpoint: dict) -> None:
+        if self._rank_states is not None:
+            checkpoint['cbn_rank_states'] = self._rank_states
+            self._rank_states = None
+
+    def after_load_checkpoint(self, runner, checkpoint: dict) -> None:
+        """Before the model loads ``checkpoint``: put this rank's CBN state in its state dict
+        (or, from another number of ranks, no history at all)."""
+        states = checkpoint.get('cbn_rank_states')
+        if states is None:
+            return
+        rank, world_size = get_dist_info()
+        weights = checkpoint['state_dict']
+        own = states[rank] if len(states) == world_size else None
+        for name, _ in cbn_layers(self._model(runner)):
+            stale = [k for k in weights if k.startswith(f'{name}.cbn_history.')]
+            if own is not None:
+                stale += [f'{name}.{key}' for key in own.get(name, {})]
+            for key in stale:
+                weights.pop(key, None)
+            if own is not None:
+                weights.update({f'{name}.{key}': value for key, value in own.get(name, {}).items()})
+        if own is None:
+            runner.logger.warning(
+                f'CBN: the checkpoint holds the CBN state of {len(states)} ranks, this run has '
+                f'{world_size}: CBN windows start empty (running statistics: rank 0\'s).')

@@ -43,7 +43,9 @@ def pair_cbn_layers(model: nn.Module, strict: bool = True) -> dict[str, str]:
     pairs: dict[str, str] = {}
     unpaired: list[str] = []
     last_conv: tuple[str, nn.Conv2d] | None = None
-    for name, module in model.named_modules():
+    # every path to a shared module: a conv shared by the levels of a head, each level with
+    # its own norm (RTMDet's SepBN head), feeds each of those norms
+    for name, module in model.named_modules(remove_duplicate=False):
         inside_last_conv = last_conv is not None and name.startswith(last_conv[0] + '.')
         if isinstance(module, nn.Conv2d) and not inside_last_conv:
             last_conv = (name, module)  # a conv's own sub-convs (SAConv2d's) don't feed a norm

@@ -1,6 +1,8 @@
 """Two CPU processes through tools/dist_train.sh: per-rank CBN history, BN-like statistics."""
+import json
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 import torch
@@ -10,7 +12,9 @@ from mmdet.registry import MODELS
 from mmdet.utils import register_all_modules
 
 from mmdet_cbn import cbn_layers
+from mmdet_cbn.compat import runner_checkpoint_globals
 from smoke import cpu_smoke_cfg
+from test_reliability import make_runner
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / 'configs/cbn/faster-rcnn_r50_fpn_4conv1fc-cbn-head_1x_coco.py'
@@ -49,3 +53,38 @@ def test_two_process_training_keeps_history_per_rank(digits_coco, tmp_path):
     for name, layer in cbn_layers(model):
         torch.testing.assert_close(layer.histories[0].pending, ranks[0][name]['pending'])
         torch.testing.assert_close(layer.running_mean, ranks[0][name]['running_mean'])
+
+
+def _torchrun(script: Path, *args: str) -> None:
+    env = dict(os.environ, OMP_NUM_THREADS='1')
+    proc = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node', '2',
+                           '--master_port', str(29600 + os.getpid() % 1000), str(script), *args],
+                          cwd=script.parent, env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+
+def test_every_rank_resumes_its_own_cbn_state(tmp_path: Path) -> None:
+    """2 gloo processes: after a resume the next losses equal the uninterrupted run's, per rank
+    (each rank's CBN windows differ); in one process the 2-rank windows start empty."""
+    probe = Path(__file__).parent / 'dist_resume_probe.py'
+    _torchrun(probe, str(tmp_path / 'full'), '4')
+    _torchrun(probe, str(tmp_path / 'cut'), '2')
+    _torchrun(probe, str(tmp_path / 'cut'), '4', '--resume')
+    for rank in (0, 1):
+        full, resumed = (json.loads((tmp_path / run / f'losses_rank{rank}.json').read_text())
+                         for run in ('full', 'cut'))
+        assert sorted(resumed, key=int) == [str(i) for i in range(4, 8)]
+        assert [resumed[str(i)] for i in range(4, 8)] == [full[str(i)] for i in range(4, 8)]
+    checkpoint = torch.load(tmp_path / 'cut' / 'epoch_2.pth', weights_only=False)
+    ranks = checkpoint['cbn_rank_states']
+    assert len(ranks) == 2
+    assert not torch.equal(ranks[0]['norm2']['cbn_history.0.pending'],
+                           ranks[1]['norm2']['cbn_history.0.pending'])
+    # one process resuming the 2-rank checkpoint: the CBN windows start empty, and it says so
+    runner, _ = make_runner(tmp_path / 'single', max_epochs=3)
+    with runner_checkpoint_globals():
+        runner.load_checkpoint(str(tmp_path / 'cut' / 'epoch_2.pth'))
+    assert all(layer.histories == [] for _, layer in cbn_layers(runner.model))
+    log = (tmp_path / 'single' / runner.timestamp / f'{runner.timestamp}.log').read_text()
+    assert 'CBN windows start empty' in log

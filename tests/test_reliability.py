@@ -13,6 +13,7 @@ from torch.utils.data import Dataset
 
 from cbn_reference import conv_kwargs, literal_cbn
 from mmdet_cbn import CrossIterationBatchNorm2d, cbn_layers, pair_cbn_layers
+from mmdet_cbn.compat import runner_checkpoint_globals
 
 
 class SmallNet(BaseModel):
@@ -75,7 +76,8 @@ def test_resume_continues_exactly(tmp_path):
     before = {n: m.histories[0].state() for n, m in cbn_layers(runner.model)}
     assert all(m.histories[0].filled == 2 for _, m in cbn_layers(runner.model))
     runner, resumed = make_runner(tmp_path / 'cut', max_epochs=4, resume=True)
-    runner.train()
+    with runner_checkpoint_globals():
+        runner.train()
     assert sorted(resumed.losses) == list(range(8, 16))
     assert [resumed.losses[i] for i in range(8, 16)] == [full.losses[i] for i in range(8, 16)]
     state = torch.load(tmp_path / 'cut' / 'epoch_2.pth', weights_only=False)['state_dict']
