@@ -56,6 +56,9 @@ def run(tmp_path, model, train_cfg, hook):
      [1] * 8 + [WINDOW] * 4),
     (dict(by_epoch=False, max_iters=5), dict(type='CBNBurnInHook', burnin_iters=2),
      [1, 1] + [WINDOW] * 3),
+    # an iteration-based loop counts burn-in epochs in dataloader lengths (4 iterations)
+    (dict(by_epoch=False, max_iters=6), dict(type='CBNBurnInHook', burnin_epochs=1),
+     [1] * 4 + [WINDOW] * 2),
 ])
 def test_hook_switches_window_at_the_right_time(tmp_path, caplog, train_cfg, hook, expected):
     model = ToyNet()
