@@ -5,6 +5,7 @@ import difflib
 import inspect
 import itertools
 import re
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -36,6 +37,17 @@ def _unknown_arguments_message(unknown: dict) -> str:
             'requires_grad')
 
 
+@dataclass
+class _Calls:
+    """Where a layer is within the training iteration (a plain object: cheap to update)."""
+
+    index: int = 0  # the call site of the next call
+    iteration_ended: bool = True  # the next training call starts an iteration
+    explicit: bool = False  # iterations are marked by new_iteration() only
+    shapes: list = field(default_factory=list)  # input shape of each call site this iteration
+    conv_io: tuple | None = None  # the paired conv's last (input, output)
+
+
 class _ConvTap:
     """Forward hook on the conv paired with a CBN layer: hands it the conv's input and output.
 
@@ -47,7 +59,7 @@ class _ConvTap:
         self.cbn = cbn
 
     def __call__(self, conv: nn.Module, inputs: tuple, output: Tensor) -> None:
-        self.cbn._conv_io = (inputs[0], output)
+        self.cbn._calls.conv_io = (inputs[0], output)
 
 
 class CrossIterationBatchNorm2d(_BatchNorm):
@@ -130,10 +142,7 @@ class CrossIterationBatchNorm2d(_BatchNorm):
         self.nonfinite_batches = torch.zeros((), dtype=torch.long, device=device)
         self.layer_name = type(self).__name__
         self.histories: list[History | None] = []
-        self._site_shapes: list[torch.Size] = []
-        self._call_index = 0
-        self._explicit_iterations = False
-        self._iteration_ended = True  # the next training call starts an iteration
+        self._calls = _Calls()
         self._sampler: torch.Generator | None = None
         if grad_nu_stride > 1:
             self._sampler = torch.Generator().manual_seed(
@@ -141,7 +150,6 @@ class CrossIterationBatchNorm2d(_BatchNorm):
         self._conv: nn.Conv2d | None = None
         self._geometry: ConvGeometry | None = None
         self._conv_verified = False
-        self._conv_io: tuple[Tensor, Tensor] | None = None
 
     # ------------------------------------------------------------------ configuration
     def extra_repr(self) -> str:
@@ -165,7 +173,7 @@ class CrossIterationBatchNorm2d(_BatchNorm):
     @property
     def window(self) -> int:
         """The window the next training call uses."""
-        return self.window_at(self.steps + self._iteration_ended)
+        return self.window_at(self.steps + self._calls.iteration_ended)
 
     def set_window(self, window: int | None) -> None:
         """Fix the window in use (a burn-in hook calls this); None returns to ``burnin_iters``."""
@@ -177,13 +185,13 @@ class CrossIterationBatchNorm2d(_BatchNorm):
         """Start a new iteration at the next training call; from now on only this does.
 
         ``CBNBurnInHook`` calls it before every training iteration of an mmengine run."""
-        self._explicit_iterations = True
-        self._iteration_ended = True
+        self._calls.explicit = True
+        self._calls.iteration_ended = True
 
     @property
     def num_call_sites(self) -> int:
         """How many times the layer ran in its last training iteration."""
-        return len(self._site_shapes)
+        return len(self._calls.shapes)
 
     @property
     def paired_conv(self) -> nn.Conv2d | None:
@@ -212,7 +220,8 @@ class CrossIterationBatchNorm2d(_BatchNorm):
     # ------------------------------------------------------------------ forward
     def forward(self, input: Tensor) -> Tensor:
         self._check_input_dim(input)
-        conv_io, self._conv_io = self._conv_io, None
+        calls = self._calls
+        conv_io, calls.conv_io = calls.conv_io, None
         if conv_io is not None and conv_io[1] is not input:
             conv_io = None
         if not self.training:
@@ -238,33 +247,36 @@ class CrossIterationBatchNorm2d(_BatchNorm):
         """``(call site, iteration)`` of this call; commits the records of the last iteration
         when this call starts a new one (nothing else changes until the call succeeds)."""
         if recomputing:
-            sites = [i for i, shape in enumerate(self._site_shapes) if shape == input.shape]
+            shapes = self._calls.shapes
+            sites = [i for i, shape in enumerate(shapes) if shape == input.shape]
             if len(sites) != 1:
                 raise RuntimeError(
                     f'{self.layer_name}: a gradient-checkpointing recomputation of a CBN layer '
-                    f'called {len(self._site_shapes)} times per iteration, {len(sites)} of them '
+                    f'called {len(shapes)} times per iteration, {len(sites)} of them '
                     f'with input shape {tuple(input.shape)}: its call site is ambiguous. Fix: '
                     'keep this layer out of the checkpointed segment, or use BN/GN there.')
             return sites[0], self.steps
-        if not self._iteration_ended:
-            return self._call_index, self.steps
+        if not self._calls.iteration_ended:
+            return self._calls.index, self.steps
         for history in self.histories:
             if history is not None:
                 history.commit()
         return 0, self.steps + 1
 
     def _end_call(self, site: int, steps: int, input: Tensor, out: Tensor) -> None:
+        calls = self._calls
         if site == 0:
-            self._site_shapes.clear()
-            self._iteration_ended = False
-        self._site_shapes.append(input.shape)
-        self.steps, self._call_index = steps, site + 1
-        if not out.requires_grad and not self._explicit_iterations:
-            self._iteration_ended = True  # no backward will come to tell
+            calls.shapes.clear()
+            calls.iteration_ended = False
+            self.steps = steps
+        calls.shapes.append(input.shape)
+        calls.index = site + 1
+        if not out.requires_grad and not calls.explicit:
+            calls.iteration_ended = True  # no backward will come to tell
 
     def _on_backward(self) -> None:
-        if not self._explicit_iterations:
-            self._iteration_ended = True
+        if not self._calls.explicit:
+            self._calls.iteration_ended = True
 
     def _empty_forward(self, input: Tensor) -> Tensor:
         if not self.affine:
@@ -308,36 +320,38 @@ class CrossIterationBatchNorm2d(_BatchNorm):
                 y, self.weight, self.bias, self.eps, weight=weight, bias=bias, past=past,
                 on_backward=self._on_backward)
             if not recomputing:
-                self._commit(y, conv_io, history, mean, var, mu_bar, var_bar, count, past)
+                self._commit(y, conv_io, history, mean, var, mu_bar, var_bar, count)
         return out
 
     @torch.no_grad()
     def _commit(self, y: Tensor, conv_io: tuple[Tensor, Tensor] | None,
                 history: History | None, mean: Tensor, var: Tensor, mu_bar: Tensor,
-                var_bar: Tensor, count: int, past) -> None:
+                var_bar: Tensor, count: int) -> None:
         """Record this call for the next iterations and update the running statistics; a
         call with non-finite statistics changes neither (no host sync)."""
-        pending = None
-        if history is not None:
+        if history is None:
+            keep = all_finite(mean, var)
+        else:
             taylor = self.compensation == 'taylor'
             record = record_statistics(
                 conv_io[0] if taylor else None, y, mean, var,
-                self._conv.weight.detach() if taylor else None,
-                self._geometry if taylor else None, grad_stride=self.grad_nu_stride,
-                draw=self._draw())
-            pending = history.pack(record)
-        keep = all_finite(*([pending] if pending is not None else [mean, var]), mu_bar, var_bar)
+                self._conv.weight if taylor else None, self._geometry if taylor else None,
+                grad_stride=self.grad_nu_stride, draw=self._draw())
+            history.pending = history.pack(record, mu_bar, var_bar)
+            keep = all_finite(history.pending)
+        bad = keep.logical_not()
         if history is not None:
-            history.pending = torch.where(keep, pending, 0)
-        self.nonfinite_batches.add_(keep.logical_not())
+            history.pending.masked_fill_(bad, 0)
+        self.nonfinite_batches.add_(bad)
         if not self.track_running_stats:
             return
         self.num_batches_tracked.add_(1)
         factor = (self.momentum if self.momentum is not None
                   else 1.0 / self.num_batches_tracked.to(mean.dtype))
-        total = count if past is None else history.count.sum() + count
+        # examples per channel over the window (past batches taken as large as this one)
+        examples = count * (1 + (history.filled if history is not None else 0))
         update_running_stats(self.running_mean, self.running_var, mu_bar, var_bar,
-                             count=total, factor=factor, keep=keep)
+                             examples=examples, factor=factor, keep=keep)
 
     def _draw(self) -> tuple[int, int]:
         """Offsets for the sampled ``d var / d W`` from the layer's own generator."""
@@ -429,8 +443,8 @@ class CrossIterationBatchNorm2d(_BatchNorm):
             else:
                 error_msgs.append(f'{prefix}: incomplete CBN history of call site {site} in the '
                                   f'state dict (has {sorted(fields)})')
-        self._site_shapes = []
-        self._iteration_ended = True
+        self._calls.shapes = []
+        self._calls.iteration_ended = True
 
 
 def _autocast_on(t: Tensor) -> bool:

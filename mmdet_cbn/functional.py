@@ -63,7 +63,7 @@ class ConvGeometry:
 class SlotRecord(NamedTuple):
     """What one iteration leaves for the next ones (Eq. 7, 8 in the form of ``docs/math.md``).
 
-    ``mean``, ``var_intercept``: ``(C,)``; ``count``: ``(1,)`` examples per channel ``M``;
+    ``mean``, ``var_intercept``: ``(C,)``; ``valid``: ``(1,)`` 1 (0 marks a discarded record);
     ``xbar``: ``(g, D)`` mean input patch ``d mu / d W``; ``grad_var``: ``(C, D)``
     ``d var / d W``. ``var_intercept = var - grad_var . W`` at that iteration, so that the
     compensated variance at weights ``W(t)`` is ``var_intercept + grad_var . W(t) - delta^2``.
@@ -72,7 +72,7 @@ class SlotRecord(NamedTuple):
 
     mean: Tensor
     var_intercept: Tensor
-    count: Tensor
+    valid: Tensor
     xbar: Tensor | None
     grad_var: Tensor | None
 
@@ -82,12 +82,12 @@ def stat_dtype(t: Tensor) -> torch.dtype:
     return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
-def _conv_weight_grad(x: Tensor, grad_y: Tensor, geometry: ConvGeometry,
+def _conv_weight_grad(x: Tensor, grad_y: Tensor, weight: Tensor, geometry: ConvGeometry,
                       stride: tuple[int, int], padding: tuple[int, int]) -> Tensor:
-    """The weight gradient of ``conv2d`` for output gradient ``grad_y`` (one backward conv)."""
-    dummy = x.new_zeros(()).expand(geometry.weight_shape)
+    """The weight gradient of ``conv2d`` for output gradient ``grad_y`` (one backward conv;
+    ``weight`` gives the shape only)."""
     _, grad_w, _ = torch.ops.aten.convolution_backward(
-        grad_y, x, dummy, None, list(stride), list(padding), list(geometry.dilation), False,
+        grad_y, x, weight, None, list(stride), list(padding), list(geometry.dilation), False,
         [0, 0], geometry.groups, [False, True, False])
     return grad_w
 
@@ -137,7 +137,8 @@ def mean_input_patch(x: Tensor, geometry: ConvGeometry, out_hw: tuple[int, int])
 
 
 def grad_var_wrt_weight(x: Tensor, y: Tensor, mean: Tensor, geometry: ConvGeometry, *,
-                        stride: int = 1, offset: tuple[int, int] = (0, 0)) -> Tensor:
+                        stride: int = 1, offset: tuple[int, int] = (0, 0),
+                        weight: Tensor | None = None) -> Tensor:
     """``d var / d W``: the weight gradient of the conv for the output gradient ``2 (y - mu) / M``.
 
     ``grad_var[c, i, u] = 2/M sum_{n,p} (y(n, c, p) - mu_c) x_patch(n, i, p + u)``, ``(C, D)``.
@@ -146,7 +147,7 @@ def grad_var_wrt_weight(x: Tensor, y: Tensor, mean: Tensor, geometry: ConvGeomet
     With ``stride = s > 1`` only the output positions ``offset + s * q`` enter, weighted by
     ``s^2`` (their inverse probability of being drawn): the estimate is unbiased for every map
     size when ``offset`` is uniform in ``[0, s)^2``, and ``s^2`` times cheaper. In float32, or
-    float64 for float64 inputs.
+    float64 for float64 inputs. ``weight`` (optional) is any tensor of the weight's shape.
     """
     dtype = stat_dtype(y)
     xf = x.to(dtype)
@@ -171,9 +172,18 @@ def grad_var_wrt_weight(x: Tensor, y: Tensor, mean: Tensor, geometry: ConvGeomet
             conv_stride = (sh * stride, sw * stride)
         conv_padding = (0, 0)
         m = m / stride ** 2
-    grad_w = _conv_weight_grad(xf.contiguous(), centered.contiguous(), geometry, conv_stride,
-                               conv_padding)
+    if weight is None or weight.dtype != dtype:
+        weight = xf.new_zeros(()).expand(geometry.weight_shape)
+    grad_w = _conv_weight_grad(xf.contiguous(), centered.contiguous(), weight, geometry,
+                               conv_stride, conv_padding)
     return grad_w.reshape(grad_w.shape[0], -1).mul_(2.0 / m)
+
+
+@functools.lru_cache(maxsize=64)
+def _ones(size: int, device: torch.device, dtype: torch.dtype) -> Tensor:
+    """A constant ``(size,)`` tensor of ones (read, never written)."""
+    with torch.inference_mode(False):
+        return torch.ones(size, device=device, dtype=dtype)
 
 
 def record_statistics(x: Tensor | None, y: Tensor, mean: Tensor, var: Tensor,
@@ -191,22 +201,24 @@ def record_statistics(x: Tensor | None, y: Tensor, mean: Tensor, var: Tensor,
             else every ``s``-th position in each direction from ``draw``.
         draw: the random offsets in ``[0, s)``, ``[0, s^2)`` for images.
     """
-    count = mean.new_full((1,), y.numel() // y.shape[1])
+    valid = _ones(1, mean.device, mean.dtype)
     if geometry is None:
-        return SlotRecord(mean, var, count, None, None)
+        return SlotRecord(mean, var, valid, None, None)
     xbar = mean_input_patch(x, geometry, y.shape[2:])
     step = grad_stride ** 2
     if grad_stride > 1 and y.shape[0] >= 4 * step:
         # every s^2-th image (RoI): a stride-1 conv; inverse inclusion probability s^2
         first = draw[0] % step
-        grad_var = grad_var_wrt_weight(x[first::step], y[first::step], mean, geometry)
+        grad_var = grad_var_wrt_weight(x[first::step], y[first::step], mean, geometry,
+                                       weight=weight)
         grad_var.mul_(y[first::step].shape[0] * step / y.shape[0])
     else:
         grad_var = grad_var_wrt_weight(x, y, mean, geometry, stride=grad_stride,
-                                       offset=(draw[0] % grad_stride, draw[1] % grad_stride))
-    flat_weight = weight.reshape(weight.shape[0], -1, 1).to(grad_var.dtype)
-    var_intercept = var - torch.bmm(grad_var.unsqueeze(1), flat_weight).view(-1)
-    return SlotRecord(mean, var_intercept, count, xbar, grad_var)
+                                       offset=(draw[0] % grad_stride, draw[1] % grad_stride),
+                                       weight=weight)
+    flat_weight = weight.reshape(weight.shape[0], -1).to(grad_var.dtype)
+    var_intercept = var - torch.linalg.vecdot(grad_var, flat_weight)
+    return SlotRecord(mean, var_intercept, valid, xbar, grad_var)
 
 
 def compensate(weight: Tensor | None, bias: Tensor | None, *, mean: Tensor,
@@ -230,15 +242,19 @@ def compensate(weight: Tensor | None, bias: Tensor | None, *, mean: Tensor,
     """
     if xbar is None:
         return mean, var_intercept, None
-    slots, groups = xbar.shape[:2]
-    w = weight.reshape(groups, weight.shape[0] // groups, -1).to(xbar.dtype)
-    # batched matrix products rather than einsum, whose set-up costs more than these small sums
-    mu_hat = torch.bmm(w, xbar.permute(1, 2, 0)).reshape(-1, slots).t()  # (g,c,S) -> (S,C)
-    if bias is not None:
-        mu_hat = mu_hat + bias.to(xbar.dtype)
+    slots, groups, depth = xbar.shape
+    flat = weight.reshape(weight.shape[0], depth).to(xbar.dtype)
+    if groups == 1:  # (S, D) @ (D, C), plus the bias, in one product
+        mu_hat = (torch.mm(xbar[:, 0], flat.t()) if bias is None
+                  else torch.addmm(bias.to(xbar.dtype), xbar[:, 0], flat.t()))
+    else:  # per group (g, c, D) @ (g, D, S) -> (S, C)
+        mu_hat = torch.bmm(flat.view(groups, -1, depth), xbar.permute(1, 2, 0))
+        mu_hat = mu_hat.reshape(-1, slots).t()
+        if bias is not None:
+            mu_hat = mu_hat + bias.to(xbar.dtype)
     delta = mu_hat - mean
-    along = torch.bmm(w.reshape(weight.shape[0], 1, -1), grad_var.permute(1, 2, 0))  # (C,1,S)
-    var_hat = torch.addcmul(var_intercept + along.squeeze(1).t(), delta, delta, value=-1)
+    var_hat = torch.addcmul(var_intercept + torch.linalg.vecdot(grad_var, flat), delta, delta,
+                            value=-1)
     return mu_hat, var_hat, delta
 
 
@@ -258,6 +274,7 @@ class _PastRecords(NamedTuple):
     mean: Tensor  # (S, C)
     var_intercept: Tensor  # (S, C)
     slot_weight: Tensor  # (S,) 1 for a valid record, 0 for an empty or discarded slot
+    window: Tensor  # () 1 + sum(slot_weight): iterations aggregated
     xbar: Tensor | None  # (S, g, D)
     grad_var: Tensor | None  # (S, C, D)
 
@@ -290,19 +307,21 @@ class _WindowNormalize(torch.autograd.Function):
             mu_hat, var_hat, delta = compensate(weight, bias, mean=past.mean,
                                                 var_intercept=past.var_intercept,
                                                 xbar=past.xbar, grad_var=past.grad_var)
-            w = past.slot_weight
-            k = 1 + w.sum()
-            mu_bar = (mean + w @ mu_hat) / k
-            spread = mu_hat - mu_bar
-            var_bar = (var + (mean - mu_bar).square()
-                       + w @ torch.addcmul(var_hat.clamp_min(0), spread, spread)) / k
-            ctx.past, ctx.slot_terms = past, (spread, var_hat > 0, delta)
-        out = torch.nn.functional.batch_norm(y, mu_bar, var_bar, gamma, beta, False, 0.0, eps)
+            w, k = past.slot_weight, past.window
+            mu_bar = torch.addmv(mean, mu_hat.t(), w).div_(k)
+            spread, gap = mu_hat - mu_bar, mean - mu_bar
+            var_bar = torch.addmv(torch.addcmul(var, gap, gap),
+                                  torch.addcmul(var_hat.clamp_min(0), spread, spread).t(),
+                                  w).div_(k)
+            if weight is not None and weight.requires_grad:
+                ctx.past, ctx.slot_terms = past, (spread, var_hat > 0, delta)
+        out = torch.batch_norm(y, gamma, beta, mu_bar, var_bar, False, 0.0, eps, True)
         ctx.save_for_backward(y, gamma, mu_bar, var_bar)
         ctx.k, ctx.eps, ctx.has_past = k, eps, past is not None
         ctx.weight_shape = None if weight is None else weight.shape
         ctx.on_backward = on_backward
         ctx.mark_non_differentiable(mean, var, mu_bar, var_bar)
+        ctx.set_materialize_grads(False)
         return out, mean, var, mu_bar, var_bar
 
     @staticmethod
@@ -310,6 +329,8 @@ class _WindowNormalize(torch.autograd.Function):
     def backward(ctx, grad_out, *unused):
         if ctx.on_backward is not None:
             ctx.on_backward()
+        if grad_out is None:  # only the (non-differentiable) statistics were used
+            return (None,) * 8
         y, gamma, mu_bar, var_bar = ctx.saved_tensors
         k = ctx.k
         inv_std = torch.rsqrt(var_bar + ctx.eps)
@@ -327,7 +348,7 @@ class _WindowNormalize(torch.autograd.Function):
             grad_y.add_(shift.to(grad_y.dtype).view(1, -1, *([1] * (y.dim() - 2))))
         grad_gamma = grad_w * root_k  # sum(g (y - mu_bar)) * inv_std
         grad_weight = grad_bias = None
-        if ctx.has_past and (ctx.needs_input_grad[3] or ctx.needs_input_grad[4]):
+        if ctx.has_past and hasattr(ctx, 'slot_terms'):
             grad_weight, grad_bias = _grad_through_compensation(
                 ctx.past, *ctx.slot_terms, k=k, grad_mu_bar=-gamma * inv_std * g_sum,
                 grad_var_bar=-0.5 * inv_std.square() * gamma * grad_gamma)
@@ -394,16 +415,14 @@ def all_finite(*tensors: Tensor) -> Tensor:
 
 
 def update_running_stats(running_mean: Tensor, running_var: Tensor, mean: Tensor,
-                         var: Tensor, *, count: Tensor | int, factor: Tensor | float,
+                         var: Tensor, *, examples: int, factor: Tensor | float,
                          keep: Tensor) -> None:
     """BatchNorm's running-average step, in place: ``r <- r + factor (stat - r)``.
 
-    The variance enters unbiased, ``var * n / (n - 1)`` with ``n = count`` examples. Where
-    ``keep`` (0-d bool) is false the buffers stay as they are, without a host sync: the step
-    is scaled to 0 and non-finite statistics are zeroed first (``0 * nan`` would be nan).
+    The variance enters unbiased, ``var * n / (n - 1)`` with ``n = examples`` per channel.
+    Where ``keep`` (0-d bool) is false the buffers stay as they are, without a host sync: the
+    step is scaled to 0 and non-finite statistics are zeroed first (``0 * nan`` is nan).
     """
-    unbiased = var * (count / (count - 1)) if isinstance(count, int) else (
-        var * count / (count - 1).clamp_min(1))
-    step = keep.to(running_mean.dtype) * factor
-    for running, stat in ((running_mean, mean), (running_var, unbiased)):
-        running.lerp_(stat.to(running.dtype).nan_to_num(0.0, 0.0, 0.0), step)
+    step = keep * factor
+    running_mean.lerp_(mean.nan_to_num(0.0, 0.0, 0.0), step)
+    running_var.lerp_((var * (examples / max(examples - 1, 1))).nan_to_num_(0.0, 0.0, 0.0), step)

@@ -10,16 +10,16 @@ from .functional import SlotRecord, _PastRecords
 
 __all__ = ['History']
 
-FIELDS = ('mean', 'var_intercept', 'count', 'xbar', 'grad_var')
+FIELDS = ('mean', 'var_intercept', 'valid', 'xbar', 'grad_var')
 
 
 class History:
     """The :class:`~mmdet_cbn.functional.SlotRecord` of the last ``S`` iterations.
 
     All slots live in one ``(S, R)`` tensor, so that committing a record is one copy; the
-    fields are named views of it (``mean`` ``(S, C)``, ``var_intercept`` ``(S, C)``, ``count``
+    fields are named views of it (``mean`` ``(S, C)``, ``var_intercept`` ``(S, C)``, ``valid``
     ``(S,)``, ``xbar`` ``(S, g, D)``, ``grad_var`` ``(S, C, D)``; ``D = 0`` without
-    compensation). Empty and discarded (non-finite) slots are zeros with ``count = 0``.
+    compensation). Empty and discarded (non-finite) slots are zeros, ``valid = 0``.
 
     The record of the running iteration waits in :attr:`pending` until the next iteration
     starts (:meth:`commit`): until then the window is the same for every forward of this
@@ -51,17 +51,23 @@ class History:
         parts = self.records.split(sizes, dim=1)
         for name, part, shape in zip(FIELDS, parts, shapes):
             setattr(self, name, part.view(self.slots, *shape))
+        self._weigh_slots()
 
-    def pack(self, record: SlotRecord) -> Tensor:
-        """One flat ``(R,)`` tensor of ``record`` in this history's layout."""
-        parts = [record.mean, record.var_intercept, record.count]
+    def _weigh_slots(self) -> None:
+        """Slot weights (1: a valid record) and the window they make; they change at commits."""
+        self.window = 1 + self.valid.sum()
+
+    def pack(self, record: SlotRecord, *also: Tensor) -> Tensor:
+        """One flat tensor of ``record`` in this history's layout (its first ``R`` values),
+        followed by ``also`` (checked for finiteness with it in one pass)."""
+        parts = [record.mean, record.var_intercept, record.valid]
         if record.xbar is not None:
             parts += [record.xbar.reshape(-1), record.grad_var.reshape(-1)]
-        return torch.cat(parts)
+        return torch.cat(parts + list(also))
 
     def past(self, compensated: bool) -> _PastRecords:
         """The slots as the window normalization reads them."""
-        return _PastRecords(self.mean, self.var_intercept, self.count.clamp(max=1),
+        return _PastRecords(self.mean, self.var_intercept, self.valid, self.window,
                             self.xbar if compensated else None,
                             self.grad_var if compensated else None)
 
@@ -70,8 +76,9 @@ class History:
         """Move the pending record into the oldest slot (no host sync)."""
         if self.pending is None:
             return
-        self.records[self.cursor].copy_(self.pending)
+        self.records[self.cursor].copy_(self.pending[:self.record_size])
         self.pending = None
+        self._weigh_slots()
         self.cursor = (self.cursor + 1) % self.slots
         self.filled = min(self.filled + 1, self.slots)
 
@@ -82,6 +89,7 @@ class History:
         newest = [(self.cursor - 1 - j) % self.slots for j in range(min(slots, self.filled))]
         for j, i in enumerate(reversed(newest)):
             new.records[j] = self.records[i]
+        new._weigh_slots()
         new.cursor = len(newest) % slots
         new.filled = len(newest)
         return new
@@ -112,6 +120,7 @@ class History:
                       mean.dtype)
         for name in FIELDS:
             getattr(history, name).copy_(state[name])
+        history._weigh_slots()
         history.cursor, history.filled = (int(v) for v in state['cursor'])
         if 'pending' in state:
             history.pending = state['pending'].to(device)

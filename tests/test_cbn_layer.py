@@ -304,7 +304,7 @@ def test_state_dict_round_trip_keeps_history_and_continues_exactly():
         sgd_step(model, model(torch.randn(2, 4, 6, 6, dtype=torch.float64)), optimizer)
     model[1].nonfinite_batches += 2
     state = copy.deepcopy(model.state_dict())
-    fields = ('mean', 'var_intercept', 'count', 'xbar', 'grad_var', 'cursor', 'pending')
+    fields = ('mean', 'var_intercept', 'valid', 'xbar', 'grad_var', 'cursor', 'pending')
     assert sorted(state) == sorted(
         ['0.weight', '0.bias', '1.weight', '1.bias', '1.running_mean', '1.running_var',
          '1.num_batches_tracked', '1.cbn_steps', '1.cbn_nonfinite_batches', '1.cbn_sampler'] +

@@ -43,7 +43,7 @@ def test_two_process_training_keeps_history_per_rank(digits_coco, tmp_path):
         r0, r1 = ranks[0][name], ranks[1][name]
         assert r0['steps'] == r1['steps'] == 2  # 8 images / (2 ranks x 2 per batch)
         # the window-4 step after burn-in left its record, to enter the next iteration's window
-        assert r0['count'].sum() == r1['count'].sum() == 0 and 'pending' in r0 and 'pending' in r1
+        assert r0['valid'].sum() == r1['valid'].sum() == 0 and 'pending' in r0 and 'pending' in r1
         # each rank normalized its own shard: its own history and running statistics
         assert not torch.allclose(r0['pending'], r1['pending'])
         assert not torch.allclose(r0['running_mean'], r1['running_mean'])

@@ -123,7 +123,8 @@ def test_stable_aggregation_equals_eq_10_and_clamps_each_slot():
     y = torch.tensor([1.0, 1.0, 1.0, 3.0], dtype=torch.float64).view(2, 2, 1, 1)
     mean = torch.tensor([[3.0, 2.0], [7.0, 5.0]], dtype=torch.float64)
     var = torch.tensor([[-8.0, 1.0], [4.0, 1.0]], dtype=torch.float64)  # slot 0 ch 0: < 0
-    past = _PastRecords(mean, var, torch.tensor([1.0, 0.0], dtype=torch.float64), None, None)
+    weights = torch.tensor([1.0, 0.0], dtype=torch.float64)
+    past = _PastRecords(mean, var, weights, 1 + weights.sum(), None, None)
     out, mu, v, mu_bar, var_bar = window_normalize(y, None, None, 0.0, past=past)
     torch.testing.assert_close(mu_bar, torch.tensor([2.0, 2.0], dtype=torch.float64))
     nu = torch.stack([y.square().mean((0, 2, 3)), mean[0].square() + var[0].clamp_min(0)])
@@ -141,8 +142,8 @@ def test_window_normalize_backward_is_the_autograd_of_eq_7_11():
     past = {k: torch.cat([h[k] for h in history]) for k in history[0]}
     past['var_intercept'][1, 2] -= 50.0  # one slot clamped at 0
     weights = torch.tensor([1.0, 0.0, 1.0], dtype=torch.float64)
-    records = _PastRecords(past['mean'], past['var_intercept'], weights, past['xbar'],
-                           past['grad_var'])
+    records = _PastRecords(past['mean'], past['var_intercept'], weights, 1 + weights.sum(),
+                           past['xbar'], past['grad_var'])
     y = torch.randn(3, 6, 4, 4, dtype=torch.float64, requires_grad=True)
     gamma = torch.rand(6, dtype=torch.float64, requires_grad=True)
     beta = torch.randn(6, dtype=torch.float64, requires_grad=True)
@@ -174,13 +175,13 @@ def test_window_normalize_backward_is_the_autograd_of_eq_7_11():
 def test_update_running_stats_is_bn_and_keeps_buffers_on_bad_statistics():
     running_mean, running_var = torch.zeros(3), torch.ones(3)
     update_running_stats(running_mean, running_var, torch.tensor([1.0, 2.0, 3.0]),
-                         torch.tensor([2.0, 2.0, 2.0]), count=5, factor=0.1,
+                         torch.tensor([2.0, 2.0, 2.0]), examples=5, factor=0.1,
                          keep=torch.tensor(True))
     torch.testing.assert_close(running_mean, torch.tensor([0.1, 0.2, 0.3]))
     torch.testing.assert_close(running_var, torch.full((3,), 0.9 + 0.1 * 2.0 * 5 / 4))
     before = running_mean.clone(), running_var.clone()
     update_running_stats(running_mean, running_var, torch.tensor([float('nan'), 1.0, 1.0]),
-                         torch.tensor([float('inf'), 1.0, 1.0]), count=torch.tensor(5.0),
+                         torch.tensor([float('inf'), 1.0, 1.0]), examples=5,
                          factor=0.1, keep=torch.tensor(False))
     torch.testing.assert_close((running_mean, running_var), before)
 
