@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The CUDA checks and GPU benchmarks of the project, in one run (about 5 minutes on one GPU),
 # most important first: the layer's reference tests and no-host-sync test on CUDA, the Faster
-# R-CNN training step at COCO size, layer speed, the step at 256 px, a profile, memory, the
-# step with grad_nu_stride 3; each writes JSON into OUT_DIR, all log to OUT_DIR/cuda_suite.log.
+# R-CNN training step at COCO size, layer speed, the host overhead of a tiny step (the exact and
+# the authors' detached gradient against BN), the step at 256 px, a profile, memory, the step
+# with grad_nu_stride 3; each writes JSON into OUT_DIR, all log to OUT_DIR/cuda_suite.log.
 # Usage: bash benchmarks/cuda_suite.sh OUT_DIR
 set -u
 out=${1:?usage: cuda_suite.sh OUT_DIR}
@@ -26,6 +27,8 @@ run detector_coco python3 benchmarks/detector_step.py --device cuda --size 800x1
     --repeats 15 --calls 2 --out "$out/detector_step_cuda_800x1088.json"
 run layer python3 benchmarks/layer_speed.py --device cuda --repeats 20 --calls 10 \
     --out "$out/layer_speed_cuda.json"
+run host_overhead python3 benchmarks/host_overhead.py --device cuda \
+    --out "$out/host_overhead_cuda.json"
 run detector_256 python3 benchmarks/detector_step.py --device cuda --size 256 \
     --repeats 10 --calls 2 --out "$out/detector_step_cuda_256.json"
 run profile python3 benchmarks/profile_cbn.py --device cuda --repeats 5 \

@@ -5,11 +5,14 @@ output gradient, the input gradient computed as inside a network, a plain SGD up
 
 - ``bn``: conv + ``BatchNorm2d``;
 - ``bn_floor``: ``bn`` plus one bare weight-gradient convolution of the same shape (the cost of
-  ``G = d nu / d W``, the floor of any Taylor-compensated CBN);
-- ``cbn_exact``: conv + ``CrossIterationBatchNorm2d`` (window 4, history full);
-- ``cbn_sampled``: the same with ``grad_nu_stride=2`` (``--grad-nu-stride``);
+  ``G = d var / d W``, the floor of any Taylor-compensated CBN), the library's own
+  (``mmdet_cbn.functional._conv_weight_grad``);
+- ``cbn_exact``: conv + ``CrossIterationBatchNorm2d`` as it comes (window 4, history full): the
+  exact gradient, through the compensated past statistics too;
+- ``cbn_detached``: the same with the authors' gradient (``detach_compensation=True``);
+- ``cbn_sampled``: ``cbn_exact`` with ``grad_nu_stride=2`` (``--grad-nu-stride``);
 - ``cbn_burnin``: CBN with window 1 (the burn-in period);
-- ``autograd_cbn``: the same math done the authors' way (:class:`AutogradCBN`);
+- ``autograd_cbn``: the authors' approach, their gradient (:class:`AutogradCBN`);
 - ``bn_eval`` / ``cbn_eval``: inference, forward only, running statistics.
 
 Also measures how far the statistics compensated with the sampled ``G`` (``grad_nu_stride``)
@@ -31,6 +34,7 @@ from common import add_common_arguments, interleaved, ratio, run_record, setup_t
 from torch import Tensor, nn
 
 from mmdet_cbn import CrossIterationBatchNorm2d, pair_cbn_layers
+from mmdet_cbn.functional import ConvGeometry, _conv_weight_grad
 
 SHAPES = {
     'fpn': (2, 256, 64, 64),  # an FPN level: 2 images, 256 channels
@@ -49,6 +53,9 @@ TARGETS: dict[str, tuple[str, str | tuple[str, ...], float]] = {
     'cbn_eval / bn_eval': ('cbn_eval', 'bn_eval', 1.02),
 }
 INFORMATIVE = {
+    'cbn_detached / (bn + floor)': ('cbn_detached', 'bn_floor'),
+    'cbn_exact / cbn_detached': ('cbn_exact', 'cbn_detached'),
+    'cbn_detached / autograd_cbn': ('cbn_detached', 'autograd_cbn'),
     'cbn_exact / bn': ('cbn_exact', 'bn'),
     'cbn_sampled / bn': ('cbn_sampled', 'bn'),
     '(bn + floor) / bn': ('bn_floor', 'bn'),
@@ -63,7 +70,8 @@ class AutogradCBN(nn.Module):
     ``d nu / d W`` (three weight-sized tensors per slot), gets the two derivatives of the
     current iteration from two extra ``torch.autograd.grad`` passes through the conv, and
     compensates slot by slot in a Python loop (Eq. 7-10); the normalization (Eq. 11) and its
-    backward are left to autograd.
+    backward are left to autograd. Their gradient: the compensated statistics are constants
+    of the current weight (``w.detach()``), as in ``detach_compensation=True``.
     """
 
     def __init__(self, conv: nn.Conv2d, window: int, eps: float = 1e-5,
@@ -110,11 +118,10 @@ class AutogradCBN(nn.Module):
 
 
 def weight_grad_conv(conv: nn.Conv2d, x: Tensor, grad_y: Tensor) -> Tensor:
-    """One bare weight-gradient convolution (only the weight output of the conv backward)."""
-    _, grad_w, _ = torch.ops.aten.convolution_backward(
-        grad_y, x, conv.weight.detach(), None, list(conv.stride), list(conv.padding),
-        list(conv.dilation), False, [0, 0], conv.groups, [False, True, False])
-    return grad_w
+    """One bare weight-gradient convolution: the library's, which the layer's ``G`` runs."""
+    geometry = ConvGeometry.of(conv)
+    return _conv_weight_grad(x, grad_y, conv.weight, geometry, geometry.stride,
+                             geometry.padding)
 
 
 def _sgd(params: list[nn.Parameter], lr: float = LR) -> None:
@@ -181,6 +188,7 @@ def build_variants(shape: tuple[int, int, int, int], device: torch.device,
         'bn_floor': train_step(bn_floor, lambda out: weight_grad_conv(bn_floor[0], x.detach(),
                                                                       out.detach())),
         'cbn_exact': train_step(paired(_cbn(c, device))),
+        'cbn_detached': train_step(paired(_cbn(c, device, detach_compensation=True))),
         'cbn_sampled': train_step(paired(_cbn(c, device, grad_nu_stride=stride))),
         'cbn_burnin': train_step(burnin),
         'autograd_cbn': train_step(AutogradCBN(copy.deepcopy(conv), WINDOW).to(device)),
@@ -294,7 +302,7 @@ def print_table(results: dict[str, Any]) -> None:
             verdict = ''
             if 'target_max' in r:
                 verdict = f"  (target <= {r['target_max']:.2f}: {'met' if r['met'] else 'NOT met'})"
-            print(f"  {name:<26}{r['value']:>6.3f}{verdict}")
+            print(f"  {name:<30}{r['value']:>6.3f}{verdict}")
     for shape_name, err in results.get('sampled_error', {}).items():
         print(f'\n== sampled G (stride {err["stride"]}) vs exact G, {shape_name} '
               f'{tuple(err["shape"])}, '

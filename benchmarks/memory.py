@@ -1,7 +1,9 @@
 """Memory of CBN against BN: the state a CBN layer keeps, and the peak of a training step.
 
-1. State: the bytes of a CBN layer's history (per layer and per slot) against its conv
-   weight, for the paper's window 4 and a few others, next to what the authors' approach keeps
+1. State: the bytes of a CBN layer's history (per layer and per slot: the ``records`` of its
+   ``histories``, one per call site) against its conv weight, for the paper's window 4 and a
+   few others, and apart the ``pending`` record of the current iteration (held until the next
+   one starts), next to what the authors' approach keeps
    (old weight plus full-size ``d mu / d W`` and ``d nu / d W`` per slot, as
    ``layer_speed.AutogradCBN`` does). Target: at most one weight-sized tensor per slot plus
    O(channels) (the mean input patch ``Xbar``, ``C_in * kh * kw`` floats, is counted with it).
@@ -31,16 +33,34 @@ from torch import nn
 from torch.profiler import ProfilerActivity, profile
 
 from mmdet_cbn import CrossIterationBatchNorm2d, pair_cbn_layers
+from mmdet_cbn.history import FIELDS
 
 MiB = 2 ** 20
+CBN_VARIANTS = ('cbn_exact', 'cbn_detached', 'cbn_sampled', 'autograd_cbn')
 
 
 def history_bytes(layer: CrossIterationBatchNorm2d) -> dict[str, int]:
-    """Bytes of each tensor of the layer's history (empty before its first windowed step)."""
-    history = layer.history
-    if history is None:
-        return {}
-    return {name: tensor_bytes([t]) for name, t in history.tensors().items()}
+    """Bytes of the layer's history by field, summed over its call sites (empty before its
+    first windowed step): the named views of each ``History.records``, the slots of the past
+    iterations; ``pending`` (the current iteration's record, held until the next iteration
+    commits it) apart."""
+    by_field: dict[str, int] = {}
+    for history in layer.histories:
+        if history is None:
+            continue
+        for name in FIELDS:
+            by_field[name] = by_field.get(name, 0) + tensor_bytes([getattr(history, name)])
+    return by_field
+
+
+def records_bytes(layer: CrossIterationBatchNorm2d) -> int:
+    """Bytes of ``records`` (the slots) over the layer's call sites."""
+    return tensor_bytes([h.records for h in layer.histories if h is not None])
+
+
+def pending_bytes(layer: CrossIterationBatchNorm2d) -> int:
+    """Bytes of the pending records (this iteration's, committed when the next one starts)."""
+    return tensor_bytes([h.pending for h in layer.histories if h is not None])
 
 
 def layer_state(channels: int, window: int, device: torch.device) -> dict[str, Any]:
@@ -50,21 +70,25 @@ def layer_state(channels: int, window: int, device: torch.device) -> dict[str, A
     pair_cbn_layers(model)
     authors = AutogradCBN(copy.deepcopy(conv), window).to(device)
     x = torch.randn(2, channels, 8, 8, device=device)
-    for _ in range(window):
+    for _ in range(window):  # forward + backward: one iteration each
         model(x).sum().backward()
         authors(x).sum().backward()
-    per_tensor = history_bytes(model[1])
+    layer = model[1]
+    per_field = history_bytes(layer)
     weight = tensor_bytes([conv.weight])
     slots = window - 1
-    total = sum(per_tensor.values())
+    total = records_bytes(layer)
+    assert total == sum(per_field.values())  # the fields are views of the records
     authors_total = sum(tensor_bytes(record) for record in authors.past)
     return {
         'channels': channels,
         'window': window,
         'slots': slots,
+        'call_sites': len(layer.histories),
         'conv_weight_bytes': weight,
         'history_bytes': total,
-        'history_bytes_by_tensor': per_tensor,
+        'history_bytes_by_field': per_field,
+        'pending_bytes': pending_bytes(layer),
         'history_per_slot_over_weight': total / slots / weight,
         'beyond_one_weight_per_slot_bytes': total - slots * weight,
         'authors_approach_bytes': authors_total,
@@ -90,7 +114,8 @@ def _peak_cpu(step: Callable[[], None]) -> int:
 
 def step_peaks(shape: tuple[int, int, int, int], device: torch.device,
                seed: int) -> dict[str, Any]:
-    """Peak memory of a step of conv + BN / CBN exact / CBN sampled / the authors' approach.
+    """Peak memory of a step of conv + BN / CBN (exact gradient, detached, sampled ``G``) / the
+    authors' approach.
 
     ``step_peak_bytes``: allocated during the step above what was allocated before it;
     ``total_peak_bytes``: that plus what was live before it (the step's input and output
@@ -110,6 +135,7 @@ def step_peaks(shape: tuple[int, int, int, int], device: torch.device,
     models = {
         'bn': nn.Sequential(copy.deepcopy(conv), nn.BatchNorm2d(c).to(device)),
         'cbn_exact': paired(_cbn(c, device)),
+        'cbn_detached': paired(_cbn(c, device, detach_compensation=True)),
         'cbn_sampled': paired(_cbn(c, device, grad_nu_stride=2)),
         'autograd_cbn': AutogradCBN(copy.deepcopy(conv), WINDOW).to(device),
     }
@@ -128,12 +154,12 @@ def step_peaks(shape: tuple[int, int, int, int], device: torch.device,
         peak = cuda_step_peak(step, device) if device.type == 'cuda' else _peak_cpu(step)
         state = tensor_bytes([*model.parameters(), *model.buffers()])
         if isinstance(model, nn.Sequential) and isinstance(model[1], CrossIterationBatchNorm2d):
-            state += sum(history_bytes(model[1]).values())
+            state += records_bytes(model[1]) + pending_bytes(model[1])
         elif isinstance(model, AutogradCBN):
             state += sum(tensor_bytes(record) for record in model.past)
         results[name] = {'step_peak_bytes': peak, 'state_bytes': state,
                          'total_peak_bytes': base + state + peak}
-    for name in ('cbn_exact', 'cbn_sampled', 'autograd_cbn'):
+    for name in CBN_VARIANTS:
         for key in ('step_peak_bytes', 'total_peak_bytes'):
             results[name][f'{key} / bn'] = results[name][key] / results['bn'][key]
     return results
@@ -143,17 +169,18 @@ def print_report(results: dict[str, Any]) -> None:
     """State table, then one block of step peaks per shape."""
     print('\n== CBN state per layer (conv C->C 3x3) ==')
     print(f"{'C':>5}{'window':>7}{'weight MiB':>12}{'history MiB':>13}{'per slot/W':>12}"
-          f"{'extra beyond W/slot':>21}{'authors MiB':>13}{'per slot/W':>12}")
+          f"{'extra beyond W/slot':>21}{'pending MiB':>13}{'authors MiB':>13}{'per slot/W':>12}")
     for s in results['state']:
         print(f"{s['channels']:>5}{s['window']:>7}{s['conv_weight_bytes'] / MiB:>12.3f}"
               f"{s['history_bytes'] / MiB:>13.3f}{s['history_per_slot_over_weight']:>12.3f}"
               f"{s['beyond_one_weight_per_slot_bytes']:>19d} B"
+              f"{s['pending_bytes'] / MiB:>13.3f}"
               f"{s['authors_approach_bytes'] / MiB:>13.3f}"
               f"{s['authors_per_slot_over_weight']:>12.3f}")
     for name, res in results['step_peak'].items():
         print(f"\n== step peak at {name} {tuple(res['shape'])} (input and output gradient "
               f"{res['input_bytes'] / MiB:.1f} MiB) ==")
-        for variant in ('bn', 'cbn_exact', 'cbn_sampled', 'autograd_cbn'):
+        for variant in ('bn', *CBN_VARIANTS):
             v = res[variant]
             extra = ''
             if variant != 'bn':

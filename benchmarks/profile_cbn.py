@@ -2,11 +2,13 @@
 
 One conv 3x3 + norm layer (the shapes of ``layer_speed.py``), window 4 with a full history,
 is stepped under ``torch.profiler``. The phases are named from the code as it is, so the
-profile follows the package when it changes: every function that ``mmdet_cbn.cbn`` imports
-from ``mmdet_cbn.functional`` and every method of ``CrossIterationBatchNorm2d`` and ``History``
-is wrapped in a ``record_function`` range for the run (and restored after). The backward pass
-is split by autograd node. Times are *exclusive* (a range minus the labelled ranges inside it)
-and are medians over the profiled steps.
+profile follows the package when it changes: every function of ``mmdet_cbn.functional``
+(where ``mmdet_cbn.cbn`` imported it and where ``functional`` calls it) and every method of
+``CrossIterationBatchNorm2d`` and ``History`` is wrapped in a ``record_function`` range for
+the run (and restored after). The backward pass is split by autograd node. Times are
+*exclusive* (a range minus the labelled ranges inside it) and are medians over the profiled
+steps. The CBN layer is the default one (exact gradient); ``--detached`` profiles
+``detach_compensation=True``.
 
 Usage: ``python benchmarks/profile_cbn.py --threads 2 --out profile.json``
 (``--sampled`` profiles ``grad_nu_stride=2``; ``--quick`` runs tiny shapes).
@@ -46,9 +48,16 @@ def _wrapped(fn: Callable, label: str) -> Callable:
 
 @contextlib.contextmanager
 def instrumented() -> Iterator[set[str]]:
-    """Wrap the package's functions and layer methods in profiler ranges; yield their labels."""
+    """Wrap the package's functions and layer methods in profiler ranges; yield their labels.
+
+    The functions of ``mmdet_cbn.functional`` are wrapped both where ``mmdet_cbn.cbn`` imported
+    them and in ``functional`` itself, so that the calls between them (``record_statistics``
+    -> ``grad_var_wrt_weight``, the window normalization's ``compensate``) show as nested
+    ranges; cached functions (``_tap_rows``) are not plain functions and stay as they are.
+    """
     targets: list[tuple[Any, str, str]] = [
-        (cbn, name, name) for name, obj in vars(cbn).items()
+        (module, name, name) for module in (cbn, functional)
+        for name, obj in vars(module).items()
         if inspect.isfunction(obj) and obj.__module__ == functional.__name__]
     for klass in (CrossIterationBatchNorm2d, getattr(cbn, 'History', None)):
         if klass is not None:
@@ -133,7 +142,8 @@ def _layer_step(model: nn.Sequential, x: torch.Tensor, grad_out: torch.Tensor
 
 
 def profile_shape(shape: tuple[int, int, int, int], device: torch.device, repeats: int,
-                  seed: int, grad_nu_stride: int = 1) -> dict[str, Any]:
+                  seed: int, grad_nu_stride: int = 1,
+                  detach_compensation: bool = False) -> dict[str, Any]:
     """Median exclusive ms per phase of the CBN and BN steps at one shape."""
     n, c, h, w = shape
     torch.manual_seed(seed)
@@ -141,7 +151,8 @@ def profile_shape(shape: tuple[int, int, int, int], device: torch.device, repeat
     grad_out = torch.randn(shape, device=device)
     conv = _conv(c, device, seed)
     cbn_model = nn.Sequential(copy.deepcopy(conv), CrossIterationBatchNorm2d(
-        c, window_size=WINDOW, grad_nu_stride=grad_nu_stride).to(device))
+        c, window_size=WINDOW, grad_nu_stride=grad_nu_stride,
+        detach_compensation=detach_compensation).to(device))
     pair_cbn_layers(cbn_model)
     steps = {'cbn': _layer_step(cbn_model, x, grad_out),
              'bn': _layer_step(nn.Sequential(copy.deepcopy(conv), nn.BatchNorm2d(c).to(device)),
@@ -161,7 +172,8 @@ def profile_shape(shape: tuple[int, int, int, int], device: torch.device, repeat
     samples: dict[str, list[dict[str, float]]] = defaultdict(list)
     for name, times in exclusive_times(prof.events(), labels | set(steps)):
         samples[name].append(times)
-    result: dict[str, Any] = {'shape': list(shape), 'grad_nu_stride': grad_nu_stride}
+    result: dict[str, Any] = {'shape': list(shape), 'grad_nu_stride': grad_nu_stride,
+                              'detach_compensation': detach_compensation}
     for name, runs in samples.items():
         keys = sorted({k for run in runs for k in run}, key=lambda k: (k.split('/')[0] not in
                                                                        STEP_PHASES, k))
@@ -178,7 +190,9 @@ def print_profile(results: dict[str, Any]) -> None:
             prof = res[norm]
             step = prof['step_ms']
             print(f"\n== {norm.upper()} step at {name} {tuple(res['shape'])}"
-                  + (f" (grad_nu_stride={res['grad_nu_stride']})" if norm == 'cbn' else '')
+                  + (f" (grad_nu_stride={res['grad_nu_stride']}"
+                     + (', detached' if res['detach_compensation'] else ', exact gradient')
+                     + ')' if norm == 'cbn' else '')
                   + f': {step:.1f} ms (profiled) ==')
             for path, ms in sorted(prof['phases_ms'].items(), key=lambda kv: _order(kv[0])):
                 if ms >= 0.05:
@@ -197,6 +211,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     add_common_arguments(parser, repeats=5, clock=False)
     parser.add_argument('--shapes', nargs='+', choices=sorted(SHAPES), default=['fpn', 'roi'])
     parser.add_argument('--sampled', action='store_true', help='profile grad_nu_stride=2')
+    parser.add_argument('--detached', action='store_true',
+                        help="profile the authors' gradient (detach_compensation=True)")
     parser.add_argument('--quick', action='store_true', help='smoke run on tiny shapes')
     args = parser.parse_args(argv)
     if args.quick:
@@ -205,7 +221,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     results: dict[str, Any] = {**run_record(args, device), 'shapes': {}}
     for name in args.shapes:
         results['shapes'][name] = profile_shape(SHAPES[name], device, args.repeats, args.seed,
-                                                2 if args.sampled else 1)
+                                                2 if args.sampled else 1, args.detached)
     print_profile(results)
     write_json(args.out, results)
     return results

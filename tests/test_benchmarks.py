@@ -29,8 +29,9 @@ def test_layer_speed_quick(tmp_path: Path) -> None:
     result = run_script('layer_speed', tmp_path, '--clock', 'cpu')
     assert set(result['shapes']) == {'fpn-small', 'roi-small'}
     for shape in result['shapes'].values():
-        assert set(shape['timings']) == {'bn', 'bn_floor', 'cbn_exact', 'cbn_sampled',
-                                         'cbn_burnin', 'autograd_cbn', 'bn_eval', 'cbn_eval'}
+        assert set(shape['timings']) == {'bn', 'bn_floor', 'cbn_exact', 'cbn_detached',
+                                         'cbn_sampled', 'cbn_burnin', 'autograd_cbn', 'bn_eval',
+                                         'cbn_eval'}
         assert all(t['median_s'] > 0 for t in shape['timings'].values())
         assert isinstance(shape['ratios']['cbn_exact / (bn + floor)']['met'], bool)
     for error in result['sampled_error'].values():
@@ -41,11 +42,15 @@ def test_layer_speed_quick(tmp_path: Path) -> None:
 def test_memory_quick(tmp_path: Path) -> None:
     result = run_script('memory', tmp_path)
     for state in result['state']:
-        assert state['history_bytes'] > 0
+        assert state['history_bytes'] == sum(state['history_bytes_by_field'].values()) > 0
+        assert state['call_sites'] == 1
+        assert 0 < state['pending_bytes'] < state['history_bytes'] / state['slots'] * 1.01
+        assert state['history_per_slot_over_weight'] >= 1
         assert state['authors_approach_bytes'] > state['history_bytes']
     for peaks in result['step_peak'].values():
         assert peaks['bn']['step_peak_bytes'] > 0
-        assert peaks['cbn_exact']['total_peak_bytes / bn'] > 0
+        for variant in ('cbn_exact', 'cbn_detached', 'cbn_sampled', 'autograd_cbn'):
+            assert peaks[variant]['total_peak_bytes / bn'] > 0
 
 
 def test_profile_quick(tmp_path: Path) -> None:
@@ -53,23 +58,48 @@ def test_profile_quick(tmp_path: Path) -> None:
     for shape in result['shapes'].values():
         phases = shape['cbn']['phases_ms']
         assert {'conv_forward', 'norm_forward', 'backward'} <= set(phases)
-        assert any(path.endswith('grad_nu_wrt_weight') for path in phases)
+        assert any(path.endswith('record_statistics/grad_var_wrt_weight') for path in phases)
         assert shape['bn']['step_ms'] > 0
+
+
+def test_host_overhead_quick(tmp_path: Path) -> None:
+    result = run_script('host_overhead', tmp_path, '--clock', 'cpu')
+    variants = result['variants']
+    assert list(variants) == ['bn', 'cbn_w4_exact', 'cbn_w4_detached', 'cbn_w1']
+    assert set(result['targets']) == {'cbn_w4_exact / bn', 'cbn_w4_detached / bn'}
+    assert all(isinstance(t['met'], bool) and t['target_max'] == 2.0
+               for t in result['targets'].values())
+    for name, variant in variants.items():
+        assert {'label', 'median_us', 'min_us', 'ratio_to_bn', 'timing', 'ops'} <= set(variant)
+        ops = variant['ops']
+        assert ops['all'] == sum(ops['by_op'].values()) >= ops['non_view']
+        assert ops['non_view'] == sum(ops['non_view_by_op'].values())
+        assert ops['non_view'] == ops['forward']['non_view'] + ops['backward']['non_view']
+        assert ops['by_op']['aten.convolution.default'] == 1
+        if name != 'bn':  # the window was full when the step was counted
+            assert variant['cbn']['steps'] > variant['cbn']['window_size']
+            assert variant['cbn']['call_sites'] == 1
+    assert variants['cbn_w4_exact']['ops']['non_view'] > variants['bn']['ops']['non_view']
+    assert result['environment']['torch_threads'] == 1
 
 
 def test_detector_step_quick(tmp_path: Path) -> None:
     pytest.importorskip('mmdet')
     result = run_script('detector_step', tmp_path)
     assert result['cbn_layers'] > 0
-    assert set(result['timings']) == {'bn', 'cbn_exact', 'cbn_sampled', 'cbn_burnin'}
-    assert set(result['ratios']) == {'cbn_exact / bn', 'cbn_sampled / bn', 'cbn_burnin / bn'}
+    assert set(result['timings']) == {'bn', 'cbn_exact', 'cbn_detached', 'cbn_sampled',
+                                      'cbn_burnin'}
+    assert set(result['ratios']) == {'cbn_exact / bn', 'cbn_detached / bn', 'cbn_sampled / bn',
+                                     'cbn_burnin / bn'}
+    assert set(result['cbn_call_sites'].values()) == {1}  # a backward per step ends iterations
     assert result['mmcv_ops'] == 'mmcv'  # the compiled ops are installed here
     assert result['memory'] is None  # peak memory is measured on CUDA only
 
 
 def test_detector_state_bytes_counts_history_and_momentum() -> None:
     """What a detector keeps between steps: parameters, gradients, buffers, SGD momentum and
-    the CBN history (one weight-sized G per slot and the small records)."""
+    the CBN history (one weight-sized G per slot and the small records) with the record of the
+    current iteration, pending until the next one."""
     sys.path.insert(0, str(BENCHMARKS))
     from detector_step import state_bytes
 
@@ -84,8 +114,10 @@ def test_detector_state_bytes_counts_history_and_momentum() -> None:
         model(torch.randn(2, 3, 6, 6)).sum().backward()
         optimizer.step()
     params = sum(p.numel() for p in model.parameters()) * 4
-    history = sum(t.numel() * t.element_size() for t in model[1].history.tensors().values())
-    assert history >= 2 * model[0].weight.numel() * 4  # two slots of G
+    (site,) = model[1].histories
+    assert site.slots == 2 and site.filled == 1 and site.pending is not None
+    history = sum(t.numel() * t.element_size() for t in (site.records, site.pending))
+    assert history >= 3 * model[0].weight.numel() * 4  # two slots of G and the pending one
     assert state_bytes(model, optimizer) - before == 2 * params + history  # grads, momentum
 
 
@@ -103,7 +135,8 @@ def test_mmcv_ops_fallback_stands_in_only_where_the_ops_are_missing() -> None:
 
 
 def test_autograd_baseline_computes_the_same_cbn() -> None:
-    """The benchmark's authors'-style baseline does the same math as the package's layer."""
+    """The benchmark's authors'-style baseline does the same math as the package's layer with
+    the authors' gradient (``detach_compensation=True``)."""
     sys.path.insert(0, str(BENCHMARKS))
     try:
         from layer_speed import AutogradCBN
@@ -113,7 +146,8 @@ def test_autograd_baseline_computes_the_same_cbn() -> None:
 
     conv = nn.Conv2d(4, 6, 3, padding=1, bias=False).double()
     model = nn.Sequential(copy.deepcopy(conv),
-                          CrossIterationBatchNorm2d(6, window_size=3).double())
+                          CrossIterationBatchNorm2d(6, window_size=3,
+                                                    detach_compensation=True).double())
     pair_cbn_layers(model)
     baseline = AutogradCBN(copy.deepcopy(conv), window=3).double()
     pairs = [(model[0].weight, baseline.conv.weight), (model[1].weight, baseline.weight),

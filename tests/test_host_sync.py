@@ -102,3 +102,35 @@ def test_training_and_eval_steps_have_no_host_sync(options, meta_autocast):
         with torch.no_grad():
             model(torch.randn(2, 4, 9, 9, device='meta'))
     assert recorder.syncs == []
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA device')
+@pytest.mark.parametrize('options', [dict(), dict(grad_nu_stride=2),
+                                     dict(detach_compensation=True)])
+def test_cuda_training_and_eval_steps_never_wait_for_the_device(options):
+    """On a real GPU: no ``.item()``, no data-dependent shapes in a training step with a full
+    window and in eval (the NaN guard stays on the device)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(4, 6, 3, padding=1, bias=True),
+                          CrossIterationBatchNorm2d(6, window_size=4, **options)).cuda()
+    pair_cbn_layers(model)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+
+    def step():
+        optimizer.zero_grad()
+        out = model(torch.randn(2, 4, 9, 9, device='cuda'))
+        (out * torch.randn_like(out)).sum().backward()
+        optimizer.step()
+
+    for _ in range(4):  # first allocations, the conv check and a full history
+        step()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode('error')
+    try:
+        step()
+        model.eval()
+        with torch.no_grad():
+            model(torch.randn(2, 4, 9, 9, device='cuda'))
+    finally:
+        torch.cuda.set_sync_debug_mode('default')
+    assert torch.isfinite(model[1].running_var).all()
