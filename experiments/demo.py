@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -31,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from digits_coco import make_digits_coco
+from tqdm import tqdm
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = {
@@ -126,46 +128,95 @@ def write_config(variant: str, args: argparse.Namespace, data_root: Path,
     return path
 
 
-def train_all(runs: dict[str, tuple[Path, Path]], sequential: bool) -> dict[str, float]:
+TRAIN_LINE = re.compile(r'Epoch\(train\)\s*\[(\d+)\]\[\s*(\d+)/(\d+)\].*?eta: (\S+)')
+VAL_MAP = re.compile(r'coco/(bbox|segm)_mAP: ([\d.]+)')
+
+
+class Progress:
+    """One progress bar per run, fed with the lines of its mmengine log."""
+
+    def __init__(self, variant: str, epochs: int, position: int) -> None:
+        self.epochs = epochs
+        self.maps: dict[str, str] = {}
+        self.bar = tqdm(total=None, desc=f'{LABELS[variant]:<30}', position=position,
+                        unit='it', leave=True, dynamic_ncols=True)
+
+    def feed(self, line: str) -> None:
+        train = TRAIN_LINE.search(line)
+        if train:
+            epoch, it, per_epoch, eta = train.groups()
+            self.bar.total = self.epochs * int(per_epoch)
+            self.bar.n = (int(epoch) - 1) * int(per_epoch) + int(it)
+            self.bar.set_postfix_str(f'epoch {epoch}/{self.epochs}, eta {eta}'
+                                     + ''.join(f', {k} mAP {v}' for k, v in self.maps.items()))
+        for kind, value in VAL_MAP.findall(line):
+            self.maps[kind] = f'{100 * float(value):.1f}'
+
+    def close(self) -> None:
+        if self.bar.total:
+            self.bar.n = self.bar.total
+        self.bar.refresh()
+        self.bar.close()
+
+
+def train_all(runs: dict[str, tuple[Path, Path]], sequential: bool,
+              epochs: int) -> dict[str, float]:
     """Run ``tools/train.py`` for every ``variant: (config, work_dir)``; return wall times (s).
 
-    By default the runs go in parallel, one process per variant with one torch thread each
-    (two cores are used without thread synchronisation, which is slow when other processes
-    share the CPU), their output shown line by line behind ``[variant]``. ``sequential`` runs
+    Each run's full log goes to ``<work_dir>/train.log``; the terminal shows one progress bar
+    per run (epoch, iteration, ETA, last mAP). By default the runs go in parallel, one
+    process per variant with one torch thread each (two cores are used without thread
+    synchronisation, which is slow when other processes share the CPU); ``sequential`` runs
     them one after the other with torch's default threads.
     """
-    def command(variant: str) -> list[str]:
-        config, work_dir = runs[variant]
-        print(f'[demo] training with {LABELS[variant]}: {config}', flush=True)
-        return [sys.executable, str(REPO / 'tools/train.py'), str(config), '--work-dir',
-                str(work_dir)]
-
-    walls = {}
-    if sequential:
-        for variant in runs:
-            start = time.perf_counter()
-            subprocess.run(command(variant), check=True, cwd=REPO)
-            walls[variant] = time.perf_counter() - start
-        return walls
-    env = dict(os.environ, OMP_NUM_THREADS='1', MKL_NUM_THREADS='1', PYTHONUNBUFFERED='1')
+    env = dict(os.environ, PYTHONUNBUFFERED='1')
+    if not sequential:
+        env.update(OMP_NUM_THREADS='1', MKL_NUM_THREADS='1')
+    walls: dict[str, float] = {}
     start = time.perf_counter()
-    procs = {v: subprocess.Popen(command(v), cwd=REPO, env=env, stdout=subprocess.PIPE,
-                                 stderr=subprocess.STDOUT, text=True, bufsize=1) for v in runs}
 
-    def relay(variant: str, proc: subprocess.Popen) -> None:
-        for line in proc.stdout:
-            print(f'[{variant}] {line}', end='', flush=True)
-        proc.wait()
-        walls[variant] = time.perf_counter() - start
+    def run(variant: str, position: int) -> None:
+        config, work_dir = runs[variant]
+        log = work_dir / 'train.log'
+        progress = Progress(variant, epochs, position)
+        began = time.perf_counter()
+        with open(log, 'w') as out:
+            proc = subprocess.Popen([sys.executable, str(REPO / 'tools/train.py'), str(config),
+                                     '--work-dir', str(work_dir)], cwd=REPO, env=env,
+                                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                    bufsize=1)
+            for line in proc.stdout:
+                out.write(line)
+                progress.feed(line)
+            proc.wait()
+        progress.close()
+        walls[variant] = time.perf_counter() - (began if sequential else start)
+        if proc.returncode:
+            tail = ''.join(log.read_text().splitlines(keepends=True)[-30:])
+            raise RuntimeError(f'training {LABELS[variant]} failed (exit code '
+                               f'{proc.returncode}); the end of {log}:\n{tail}')
 
-    threads = [threading.Thread(target=relay, args=item) for item in procs.items()]
+    print(f'[demo] training {len(runs)} runs; full logs in ' +
+          ', '.join(str(w / 'train.log') for _, w in runs.values()), flush=True)
+    if sequential:
+        for position, variant in enumerate(runs):
+            run(variant, position)
+        return walls
+    errors: list[BaseException] = []
+
+    def guarded(variant: str, position: int) -> None:
+        try:
+            run(variant, position)
+        except BaseException as error:  # reported after every run has ended
+            errors.append(error)
+
+    threads = [threading.Thread(target=guarded, args=(v, i)) for i, v in enumerate(runs)]
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join()
-    failed = {v: p.returncode for v, p in procs.items() if p.returncode}
-    if failed:
-        raise RuntimeError(f'training failed (exit codes {failed}); see the output above')
+    if errors:
+        raise errors[0]
     return walls
 
 
@@ -266,7 +317,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for variant in CONFIGS:
         run_dir = args.work_dir / variant
         runs[variant] = (write_config(variant, args, data_root.resolve(), run_dir), run_dir)
-    walls = train_all(runs, args.sequential)
+    from mmengine.config import Config
+    epochs = Config.fromfile(next(iter(runs.values()))[0]).train_cfg.max_epochs
+    walls = train_all(runs, args.sequential, epochs)
     for variant, (_, run_dir) in runs.items():
         results[variant] = collect(variant, run_dir, walls[variant])
     total = time.perf_counter() - start

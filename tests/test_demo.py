@@ -28,8 +28,10 @@ def test_demo_quick(tmp_path: Path) -> None:
     out = _run(['experiments/demo.py', '--quick', '--work-dir', str(tmp_path)], timeout=600)
     for label in ('| head BN |', '| head CBN |', '| head CBN, detached (authors) |'):
         assert label in out
-    assert 'Epoch(train)' in out  # mmengine's progress output is shown
-    assert 'CBN window 8' in out  # the burn-in hook switched to the full window
+    assert 'epoch 1/1' in out and 'Epoch(train)' not in out  # progress bars, not logs
+    log = (tmp_path / 'cbn' / 'train.log').read_text()  # the full log of each run
+    assert 'Epoch(train)' in log
+    assert 'CBN window 8' in log  # the burn-in hook switched to the full window
 
     results = json.loads((tmp_path / 'demo_results.json').read_text())
     assert results['quick'] is True
