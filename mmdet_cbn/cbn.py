@@ -220,12 +220,16 @@ class CrossIterationBatchNorm2d(_BatchNorm):
     # ------------------------------------------------------------------ forward
     def forward(self, input: Tensor) -> Tensor:
         self._check_input_dim(input)
+        if not self.training:
+            return super().forward(input)
+        return self._training_forward(input)
+
+    @torch.compiler.disable  # Python-side state (call sites, histories): runs eager
+    def _training_forward(self, input: Tensor) -> Tensor:
         calls = self._calls
         conv_io, calls.conv_io = calls.conv_io, None
         if conv_io is not None and conv_io[1] is not input:
             conv_io = None
-        if not self.training:
-            return super().forward(input)
         recomputing = torch._C._current_graph_task_id() != -1
         site, steps = self._call_site(input, recomputing)
         window = self.window_at(steps)

@@ -474,3 +474,39 @@ def test_changing_the_window_keeps_the_newest_records(new_window):
                            cbn.weight.detach(), cbn.bias.detach(), cbn.eps)
     torch.testing.assert_close(model(x).detach(), expected, rtol=1e-9, atol=1e-9)
     assert cbn.histories[0].slots == new_window - 1
+
+
+def test_torch_compile_matches_eager():
+    """``torch.compile`` (mmengine's ``compile=True``) compiles the model around each CBN
+    layer's training forward, which runs eager (one graph break per layer: its state lives in
+    Python); outputs and gradients equal eager over SGD steps, in training and in eval."""
+    def stack():
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1),
+                              CrossIterationBatchNorm2d(8, window_size=3),
+                              nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1),
+                              CrossIterationBatchNorm2d(8, window_size=3)).double()
+        pair_cbn_layers(model)
+        return model
+
+    eager, inner = stack(), stack()
+    compiled = torch.compile(inner, backend='aot_eager')
+    optimizers = [torch.optim.SGD(m.parameters(), lr=0.1) for m in (eager, inner)]
+    for _ in range(5):
+        x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+        grad = torch.randn(2, 8, 8, 8, dtype=torch.float64)
+        outs = []
+        for model, optimizer in zip((eager, compiled), optimizers):
+            optimizer.zero_grad()
+            outs.append(model(x))
+            outs[-1].backward(grad)
+        torch.testing.assert_close(outs[1], outs[0], rtol=0, atol=1e-12)
+        for p, q in zip(eager.parameters(), inner.parameters()):
+            torch.testing.assert_close(q.grad, p.grad, rtol=0, atol=1e-12)
+        for optimizer in optimizers:
+            optimizer.step()
+    assert inner[1].steps == 5
+    eager.eval()
+    inner.eval()
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    torch.testing.assert_close(compiled(x), eager(x), rtol=0, atol=1e-12)
