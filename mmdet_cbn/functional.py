@@ -98,7 +98,7 @@ def _tap_rows(size: int, out_size: int, kernel: int, stride: int, padding: int,
     """``(kernel, size)`` 0/1 matrix: which input rows (or columns) kernel tap ``a`` reads over
     all output positions, i.e. ``q * stride + a * dilation - padding`` inside the input.
 
-    Cached: it depends on the geometry only, and building it costs a dozen small kernels.
+    Cached: it depends on the geometry only.
     """
     with torch.inference_mode(False), torch.no_grad():
         taps = torch.arange(kernel, device=device).unsqueeze(1) * dilation
@@ -162,7 +162,7 @@ def grad_var_wrt_weight(x: Tensor, y: Tensor, mean: Tensor, geometry: ConvGeomet
             return y.new_zeros(y.shape[1], geometry.depth, dtype=dtype)
         if geometry.weight_shape[2:] == (1, 1) and (ph, pw) == (0, 0):
             # a 1x1 conv sees one input pixel per output position: gather those, then a
-            # stride-1 weight gradient (oneDNN's strided one is slower than the exact one here)
+            # stride-1 weight gradient (cheaper than a strided one)
             hs, ws = centered.shape[2:]
             xf = xf[:, :, oh * sh::stride * sh, ow * sw::stride * sw][:, :, :hs, :ws]
             conv_stride = (1, 1)
@@ -260,7 +260,7 @@ def compensate(weight: Tensor | None, bias: Tensor | None, *, mean: Tensor,
 
 def _batch_moments(y: Tensor) -> tuple[Tensor, Tensor]:
     """Per-channel mean and biased variance of ``y`` in one stable pass of BatchNorm's own
-    statistics kernel; ``var_mean`` (3x slower on CPU) where that kernel has no implementation
+    statistics kernel; ``var_mean`` where that kernel has no implementation
     (meta tensors, ``torch.compile`` tracing)."""
     if y.device.type == 'meta' or torch.compiler.is_compiling():
         var, mean = torch.var_mean(y, dim=(0, 2, 3), correction=0)
@@ -408,7 +408,7 @@ def all_finite(*tensors: Tensor) -> Tensor:
     """0-d bool tensor: no element of ``tensors`` is NaN or infinite, without a host sync.
 
     ``t - t`` is 0 for finite elements and NaN otherwise, so its sum is exactly 0 iff all are
-    finite (a sum of the values themselves could overflow). Concatenated first: four kernels.
+    finite (a sum of the values themselves could overflow).
     """
     flat = torch.cat([t.reshape(-1) for t in tensors]) if len(tensors) > 1 else tensors[0]
     return (flat - flat).sum(dtype=stat_dtype(flat)) == 0
