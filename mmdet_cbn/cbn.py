@@ -221,6 +221,7 @@ class CrossIterationBatchNorm2d(_BatchNorm):
     def forward(self, input: Tensor) -> Tensor:
         self._check_input_dim(input)
         if not self.training:
+            self._calls.conv_io = None  # holds no activation past its use
             return super().forward(input)
         return self._training_forward(input)
 
@@ -334,18 +335,17 @@ class CrossIterationBatchNorm2d(_BatchNorm):
         """Record this call for the next iterations and update the running statistics; a
         call with non-finite statistics changes neither (no host sync)."""
         if history is None:
-            keep = all_finite(mean, var)
+            checked = torch.cat([mu_bar, var_bar])
         else:
             taylor = self.compensation == 'taylor'
             record = record_statistics(
                 conv_io[0] if taylor else None, y, mean, var,
                 self._conv.weight if taylor else None, self._geometry if taylor else None,
                 grad_stride=self.grad_nu_stride, draw=self._draw())
-            history.pending = history.pack(record, mu_bar, var_bar)
-            keep = all_finite(history.pending)
+            checked = history.pending = history.pack(record, mu_bar, var_bar)
+        keep = all_finite(checked)
         bad = keep.logical_not()
-        if history is not None:
-            history.pending.masked_fill_(bad, 0)
+        checked.masked_fill_(bad, 0)  # a bad record or window is all zeros, and stays out
         self.nonfinite_batches.add_(bad)
         if not self.track_running_stats:
             return
@@ -354,7 +354,8 @@ class CrossIterationBatchNorm2d(_BatchNorm):
                   else 1.0 / self.num_batches_tracked.to(mean.dtype))
         # examples per channel over the window (past batches taken as large as this one)
         examples = count * (1 + (history.filled if history is not None else 0))
-        update_running_stats(self.running_mean, self.running_var, mu_bar, var_bar,
+        window_mean, window_var = checked[-2 * self.num_features:].view(2, -1)
+        update_running_stats(self.running_mean, self.running_var, window_mean, window_var,
                              examples=examples, factor=factor, keep=keep)
 
     def _draw(self) -> tuple[int, int]:

