@@ -38,15 +38,15 @@ def load_mmdet_config(rel_path: str) -> Config:
     return Config.fromfile(Path(mmdet.__file__).parent / '.mim' / 'configs' / rel_path)
 
 
-def _walk(node: Any, visit: Callable[[dict, Any], None], parent_key: Any = None) -> None:
+def walk(node: Any, visit: Callable[[dict, Any], None], parent_key: Any = None) -> None:
     """Call ``visit(d, key)`` on every dict ``d`` nested in ``node`` (pre-order)."""
     if isinstance(node, dict):
         visit(node, parent_key)
         for key, value in node.items():
-            _walk(value, visit, key)
+            walk(value, visit, key)
     elif isinstance(node, (list, tuple)):
         for value in node:
-            _walk(value, visit, parent_key)
+            walk(value, visit, parent_key)
 
 
 def _is_scale(value: Any) -> bool:
@@ -77,7 +77,7 @@ def _set_pipeline(node: Any, img_scale: tuple[int, int], with_mask: bool) -> Non
         elif kind == 'LoadAnnotations':
             transform['with_mask'] = with_mask
 
-    _walk(node, visit)
+    walk(node, visit)
 
 
 def _innermost_dataset(dataset: dict) -> dict:
@@ -106,20 +106,25 @@ def _is_pretrained(init_cfg: Any) -> bool:
     return isinstance(init_cfg, dict) and init_cfg.get('type') == 'Pretrained'
 
 
+def drop_pretrained(node: dict) -> None:
+    """Remove ``Pretrained`` initialisers from one config dict (no downloads)."""
+    init_cfg = node.get('init_cfg')
+    if _is_pretrained(init_cfg):
+        node['init_cfg'] = None
+    elif isinstance(init_cfg, (list, tuple)):
+        node['init_cfg'] = [i for i in init_cfg if not _is_pretrained(i)] or None
+
+
 def _set_model(model: dict) -> None:
     """Drop pretrained weights and set 10 classes."""
     num_classes = len(DIGITS_CLASSES)
 
     def visit(node: dict, key: Any) -> None:
-        init_cfg = node.get('init_cfg')
-        if _is_pretrained(init_cfg):
-            node['init_cfg'] = None
-        elif isinstance(init_cfg, (list, tuple)):
-            node['init_cfg'] = [i for i in init_cfg if not _is_pretrained(i)] or None
+        drop_pretrained(node)
         if 'num_classes' in node and key != 'rpn_head':
             node['num_classes'] = num_classes
 
-    _walk(model, visit)
+    walk(model, visit)
 
 
 def _replace_sync_norms(cfg: Config) -> None:
@@ -129,7 +134,7 @@ def _replace_sync_norms(cfg: Config) -> None:
             node['type'] = 'BN'
 
     for key in cfg:
-        _walk(cfg[key], visit)
+        walk(cfg[key], visit)
 
 
 def cpu_smoke_cfg(

@@ -38,7 +38,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from mmdet_cbn import cbn_layers, pair_cbn_layers
-from smoke import _is_pretrained, _walk, load_mmdet_config
+from smoke import drop_pretrained, load_mmdet_config, walk
 
 CBN_CFG = dict(type='CBN', window_size=3, requires_grad=True)
 # Norm types replaced by CBN (sync norms included: a single CPU process).
@@ -121,18 +121,14 @@ def to_cbn(model_cfg: dict) -> int:
                 node[key] = copy.deepcopy(CBN_CFG)  # GN's num_groups etc. dropped
                 replaced += 1
 
-    _walk(model_cfg, visit)
+    walk(model_cfg, visit)
     return replaced
 
 
 def prepare(model_cfg: dict) -> None:
     """No pretrained weights, every stage and norm layer trainable, small proposal counts."""
     def visit(node: dict, key: Any) -> None:
-        init_cfg = node.get('init_cfg')
-        if _is_pretrained(init_cfg):
-            node['init_cfg'] = None
-        elif isinstance(init_cfg, (list, tuple)):
-            node['init_cfg'] = [i for i in init_cfg if not _is_pretrained(i)] or None
+        drop_pretrained(node)
         if 'norm_eval' in node:
             node['norm_eval'] = False
         if 'frozen_stages' in node:
@@ -144,7 +140,7 @@ def prepare(model_cfg: dict) -> None:
         if key == 'sampler' and isinstance(node.get('num'), int):
             node['num'] = min(node['num'], 32)
 
-    _walk(model_cfg, visit)
+    walk(model_cfg, visit)
     # YOLOX resizes whole batches to 320-640 pixels every 10 iterations: keep the images small.
     model_cfg.get('data_preprocessor', {}).pop('batch_augments', None)
 
