@@ -5,6 +5,7 @@ import difflib
 import inspect
 import itertools
 import re
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -22,6 +23,7 @@ COMPENSATIONS = ('taylor', 'none')
 _RENAMED = {'backprop_past_stats': "the exact gradient is now the default; the authors' "
                                    'detached variant is detach_compensation=True'}
 _layer_numbers = itertools.count()  # gives each layer's sampler its own seed
+_MANY_CALL_SITES = 64  # per iteration: more is probably a loop without backward
 
 
 def _unknown_arguments_message(unknown: dict) -> str:
@@ -276,6 +278,13 @@ class CrossIterationBatchNorm2d(_BatchNorm):
             self.steps = steps
         calls.shapes.append(input.shape)
         calls.index = site + 1
+        if calls.index == _MANY_CALL_SITES:
+            warnings.warn(
+                f'CBN layer {self.layer_name!r} ran {_MANY_CALL_SITES} times in one iteration '
+                'without a backward pass: every call is a call site with a history of its own. '
+                'If these calls are separate iterations, run them under torch.no_grad(), call '
+                'backward, or mark iterations with new_iteration() (CBNBurnInHook does).',
+                stacklevel=3)
         if not out.requires_grad and not calls.explicit:
             calls.iteration_ended = True  # no backward will come to tell
 

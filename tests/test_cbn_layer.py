@@ -510,3 +510,12 @@ def test_torch_compile_matches_eager():
     inner.eval()
     x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
     torch.testing.assert_close(compiled(x), eager(x), rtol=0, atol=1e-12)
+
+
+def test_many_calls_without_backward_warn_once():
+    model = conv_cbn(window_size=2)
+    x = torch.randn(2, 4, 5, 5, dtype=torch.float64)
+    with pytest.warns(UserWarning, match='64 times in one iteration'):
+        for _ in range(64):
+            model(x)
+    assert model[1].steps == 1 and model[1].num_call_sites == 64
