@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from digits_coco import make_digits_coco
+from provenance import git_commit
 from tqdm import tqdm
 
 REPO = Path(__file__).resolve().parents[1]
@@ -72,18 +73,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.work_dir is None:
         args.work_dir = REPO / ('work_dirs/demo_quick' if args.quick else 'work_dirs/demo')
     return args
-
-
-def git_commit() -> str | None:
-    """The checked-out commit, with ``-dirty`` when there are uncommitted changes."""
-    def git(*args: str) -> str:
-        return subprocess.run(['git', *args], cwd=REPO, capture_output=True, text=True,
-                              check=True).stdout.strip()
-    try:
-        return git('rev-parse', '--short=12', 'HEAD') + ('-dirty' if git('status', '--porcelain')
-                                                          else '')
-    except (OSError, subprocess.CalledProcessError):
-        return None
 
 
 def make_data(root: Path, num_train: int, num_val: int) -> dict[str, Any]:

@@ -22,7 +22,7 @@ from mmdet_cbn import CrossIterationBatchNorm2d
 from smoke import cpu_smoke_cfg
 
 CONFIG_DIR = Path(__file__).parents[1] / 'configs'
-CONFIGS = sorted(p for p in CONFIG_DIR.rglob('*.py') if '_base_' not in p.parts)
+CONFIGS = sorted(p for p in CONFIG_DIR.rglob('*.py') if not {'_base_', 'mmseg'} & set(p.parts))
 NAME = re.compile(r'(?P<model>faster|mask)-rcnn_r(?P<depth>50|101)_fpn_4conv1fc'
                   r'(?:-(?P<norm>bn|syncbn|gn|cbn)-(?P<scope>head|all))?_1x_coco')
 NORM_TYPES = {'bn': 'BN', 'syncbn': 'SyncBN', 'gn': 'GN', 'cbn': 'CBN'}

@@ -19,7 +19,8 @@ link_checkout() {  # (re)point the editable install at this checkout: a few seco
     $PIP --no-build-isolation --no-deps -e .
 }
 
-if mmcv_ready && "$PY" -c "import mmdet, pycocotools, sklearn, matplotlib, pytest" 2>/dev/null
+if mmcv_ready && "$PY" -c \
+    "import mmdet, mmseg, ftfy, regex, pycocotools, sklearn, matplotlib, pytest" 2>/dev/null
 then
     echo "[install] the pinned stack is already installed; linking mmdet-cbn from $(pwd)."
     link_checkout
@@ -39,7 +40,7 @@ else
     mmcv_ready || { echo "[install] mmcv was installed but its ops do not import" >&2; exit 1; }
 fi
 
-echo "[install] mmengine, mmdet, pycocotools, demo and test tools, and mmdet-cbn itself"
+echo "[install] mmengine, mmdet, mmseg, pycocotools, demo and test tools, and mmdet-cbn itself"
 $PIP -r requirements/runtime.txt -r requirements/extras.txt
 link_checkout
 echo "[install] done."
