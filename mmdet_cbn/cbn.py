@@ -240,12 +240,12 @@ class CrossIterationBatchNorm2d(_BatchNorm):
             out = self._empty_forward(input)
         elif window == 1:
             self.histories.clear()
-            out = self._forward_window(input, None, None, site, steps, recomputing)
+            out = self._forward_window(input, None, None, recomputing)
         else:
             if self.compensation == 'taylor' and not recomputing:
                 self._verify_conv(conv_io)
-            out = self._forward_window(input, conv_io, self._history(site, window, input), site,
-                                       steps, recomputing)
+            out = self._forward_window(input, conv_io, self._history(site, window, input),
+                                       recomputing)
         if not recomputing:
             self._end_call(site, steps, input, out)
         return out
@@ -314,8 +314,7 @@ class CrossIterationBatchNorm2d(_BatchNorm):
         return history
 
     def _forward_window(self, y: Tensor, conv_io: tuple[Tensor, Tensor] | None,
-                        history: History | None, site: int, steps: int,
-                        recomputing: bool) -> Tensor:
+                        history: History | None, recomputing: bool) -> Tensor:
         """Eq. 7-11 with the window of ``history`` (None: plain BN), then the call's record."""
         count = y.numel() // y.shape[1]
         if count == 1 and (history is None or history.filled == 0):
