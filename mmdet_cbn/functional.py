@@ -24,7 +24,8 @@ from torch.autograd.function import once_differentiable
 
 __all__ = [
     'ConvGeometry', 'SlotRecord', 'stat_dtype', 'mean_input_patch', 'grad_var_wrt_weight',
-    'record_statistics', 'compensate', 'window_normalize', 'update_running_stats', 'all_finite',
+    'record_statistics', 'compensate', 'PastRecords', 'window_normalize', 'update_running_stats',
+    'all_finite',
 ]
 
 
@@ -268,7 +269,7 @@ def _batch_moments(y: Tensor) -> tuple[Tensor, Tensor]:
     return torch.batch_norm_update_stats(y, None, None, 0.0)
 
 
-class _PastRecords(NamedTuple):
+class PastRecords(NamedTuple):
     """The window's past slots as the normalization reads them (none of them needs grad)."""
 
     mean: Tensor  # (S, C)
@@ -359,7 +360,7 @@ class _WindowNormalize(torch.autograd.Function):
                 grad_bias if ctx.needs_input_grad[4] else None, None, None, None)
 
 
-def _grad_through_compensation(past: _PastRecords, spread: Tensor, positive: Tensor,
+def _grad_through_compensation(past: PastRecords, spread: Tensor, positive: Tensor,
                                delta: Tensor, *, k: Tensor, grad_mu_bar: Tensor,
                                grad_var_bar: Tensor) -> tuple[Tensor, Tensor]:
     """``d L / d W`` and ``d L / d b`` through the compensated past slots (Eq. 7, 8).
@@ -383,7 +384,7 @@ def _grad_through_compensation(past: _PastRecords, spread: Tensor, positive: Ten
 
 def window_normalize(y: Tensor, gamma: Tensor | None, beta: Tensor | None, eps: float, *,
                      weight: Tensor | None = None, bias: Tensor | None = None,
-                     past: _PastRecords | None = None,
+                     past: PastRecords | None = None,
                      on_backward: Callable[[], None] | None = None
                      ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Normalize ``y`` with the statistics of the window (Eq. 7-11).

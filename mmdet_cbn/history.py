@@ -6,7 +6,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from .functional import SlotRecord, _PastRecords
+from .functional import SlotRecord, PastRecords
 
 __all__ = ['History']
 
@@ -65,9 +65,9 @@ class History:
             parts += [record.xbar.reshape(-1), record.grad_var.reshape(-1)]
         return torch.cat(parts + list(also))
 
-    def past(self, compensated: bool) -> _PastRecords:
+    def past(self, compensated: bool) -> PastRecords:
         """The slots as the window normalization reads them."""
-        return _PastRecords(self.mean, self.var_intercept, self.valid, self.window,
+        return PastRecords(self.mean, self.var_intercept, self.valid, self.window,
                             self.xbar if compensated else None,
                             self.grad_var if compensated else None)
 

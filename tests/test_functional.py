@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from cbn_reference import compensated, conv_kwargs, stats_and_grads
-from mmdet_cbn.functional import (ConvGeometry, _PastRecords, all_finite, compensate,
+from mmdet_cbn.functional import (ConvGeometry, PastRecords, all_finite, compensate,
                                   grad_var_wrt_weight, mean_input_patch, record_statistics,
                                   update_running_stats, window_normalize)
 
@@ -124,7 +124,7 @@ def test_stable_aggregation_equals_eq_10_and_clamps_each_slot():
     mean = torch.tensor([[3.0, 2.0], [7.0, 5.0]], dtype=torch.float64)
     var = torch.tensor([[-8.0, 1.0], [4.0, 1.0]], dtype=torch.float64)  # slot 0 ch 0: < 0
     weights = torch.tensor([1.0, 0.0], dtype=torch.float64)
-    past = _PastRecords(mean, var, weights, 1 + weights.sum(), None, None)
+    past = PastRecords(mean, var, weights, 1 + weights.sum(), None, None)
     out, mu, v, mu_bar, var_bar = window_normalize(y, None, None, 0.0, past=past)
     torch.testing.assert_close(mu_bar, torch.tensor([2.0, 2.0], dtype=torch.float64))
     nu = torch.stack([y.square().mean((0, 2, 3)), mean[0].square() + var[0].clamp_min(0)])
@@ -142,7 +142,7 @@ def test_window_normalize_backward_is_the_autograd_of_eq_7_11():
     past = {k: torch.cat([h[k] for h in history]) for k in history[0]}
     past['var_intercept'][1, 2] -= 50.0  # one slot clamped at 0
     weights = torch.tensor([1.0, 0.0, 1.0], dtype=torch.float64)
-    records = _PastRecords(past['mean'], past['var_intercept'], weights, 1 + weights.sum(),
+    records = PastRecords(past['mean'], past['var_intercept'], weights, 1 + weights.sum(),
                            past['xbar'], past['grad_var'])
     y = torch.randn(3, 6, 4, 4, dtype=torch.float64, requires_grad=True)
     gamma = torch.rand(6, dtype=torch.float64, requires_grad=True)
