@@ -119,6 +119,8 @@ def write_config(variant: str, args: argparse.Namespace, data_root: Path,
 
 TRAIN_LINE = re.compile(r'Epoch\(train\)\s*\[(\d+)\]\[\s*(\d+)/(\d+)\].*?eta: (\S+)')
 VAL_MAP = re.compile(r'coco/(bbox|segm)_mAP: ([\d.]+)')
+VAL_LINE = re.compile(r'Epoch\(val\)\s*\[(\d+)\]')
+EMPTY_RESULTS = 'The testing results of the whole dataset is empty'
 
 
 class Progress:
@@ -217,17 +219,32 @@ def read_scalars(work_dir: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in runs[-1].read_text().splitlines() if line.strip()]
 
 
+def epochs_without_detections(log: Path) -> set[int]:
+    """Val epochs in which ``CocoMetric`` found no detection to score. mmengine then logs the
+    previous evaluation's metrics again, as if they were this epoch's: they count as 0."""
+    empty, pending = set(), False
+    for line in log.read_text().splitlines():
+        pending = pending or EMPTY_RESULTS in line
+        val = VAL_LINE.search(line)
+        if val and pending:
+            empty.add(int(val.group(1)))
+            pending = False
+    return empty
+
+
 def collect(variant: str, work_dir: Path, wall: float) -> dict[str, Any]:
     """Loss curve, time per iteration and per-epoch mAP of one run."""
     records = read_scalars(work_dir)
     train_recs = [r for r in records if 'loss' in r]
-    val_recs = [r for r in records if 'coco/bbox_mAP' in r]
+    empty = epochs_without_detections(work_dir / 'train.log')
+    val_recs = [r if r['step'] not in empty else
+                dict(step=r['step'], **{f'coco/{m}': 0.0 for m in METRICS})
+                for r in records if 'coco/bbox_mAP' in r]
     times = [r['time'] for r in train_recs if r['iter'] > WARMUP_ITERS] or \
         [r['time'] for r in train_recs]
     last_epoch = train_recs[-1]['epoch']
     final = next((r for r in val_recs if r['step'] == last_epoch), None)
-    if final is None:
-        # CocoMetric logs no metric when there is no detection above the score threshold.
+    if final is None or last_epoch in empty:
         print(f'[demo] {LABELS[variant]}: no detection on the val set after the last epoch; '
               'counting its mAP as 0', flush=True)
         final = {f'coco/{m}': 0.0 for m in METRICS}

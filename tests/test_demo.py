@@ -89,3 +89,16 @@ def test_small_batch_pairs_task_composes_two_digits_into_100_classes(tmp_path: P
     assert '2 epochs of 256 pairs images' in out
     results = json.loads((tmp_path / 'small_batch.json').read_text())
     assert results['setting']['task'] == 'pairs' and len(results['runs']) == 4
+
+
+def test_demo_counts_an_evaluation_without_detections_as_zero(tmp_path: Path) -> None:
+    """mmengine logs the previous metrics again when CocoMetric has nothing to score."""
+    import demo
+    log = tmp_path / 'train.log'
+    log.write_text(
+        'Epoch(val) [2][50/50]    coco/bbox_mAP: 0.1230  coco/segm_mAP: 0.1360\n'
+        'ERROR - coco_metric.py - compute_metrics - 465 - The testing results of the whole '
+        'dataset is empty.\n'
+        'Epoch(val) [4][50/50]    coco/bbox_mAP: 0.1230  coco/segm_mAP: 0.1360\n'
+        'Epoch(val) [6][50/50]    coco/bbox_mAP: 0.3310  coco/segm_mAP: 0.1250\n')
+    assert demo.epochs_without_detections(log) == {4}
