@@ -152,6 +152,7 @@ class CrossIterationBatchNorm2d(_BatchNorm):
         self._conv: nn.Conv2d | None = None
         self._geometry: ConvGeometry | None = None
         self._conv_verified = False
+        _keep_training_forward_eager()
 
     # ------------------------------------------------------------------ configuration
     def extra_repr(self) -> str:
@@ -227,8 +228,8 @@ class CrossIterationBatchNorm2d(_BatchNorm):
             return super().forward(input)
         return self._training_forward(input)
 
-    @torch.compiler.disable  # Python-side state (call sites, histories): runs eager
     def _training_forward(self, input: Tensor) -> Tensor:
+        """The training forward; ``torch.compile`` leaves it eager (state lives in Python)."""
         calls = self._calls
         conv_io, calls.conv_io = calls.conv_io, None
         if conv_io is not None and conv_io[1] is not input:
@@ -458,6 +459,14 @@ class CrossIterationBatchNorm2d(_BatchNorm):
                                   f'state dict (has {sorted(fields)})')
         self._calls.shapes = []
         self._calls.iteration_ended = True
+
+
+def _keep_training_forward_eager() -> None:
+    """``torch.compiler.disable`` the training forward, once, when the first layer is built:
+    done at import it would import ``torch._dynamo``, which changes torch's safe globals."""
+    cls = CrossIterationBatchNorm2d
+    if not getattr(cls._training_forward, '_torchdynamo_disable', False):
+        cls._training_forward = torch.compiler.disable(cls._training_forward)
 
 
 def _autocast_on(t: Tensor) -> bool:

@@ -49,7 +49,8 @@ def test_two_process_training_keeps_history_per_rank(digits_coco, tmp_path):
         assert not torch.allclose(r0['running_mean'], r1['running_mean'])
 
     # the rank-0 checkpoint loads into a single-process model of the same config
-    load_checkpoint(model, str(tmp_path / 'work' / 'epoch_1.pth'), strict=True)
+    with runner_checkpoint_globals():
+        load_checkpoint(model, str(tmp_path / 'work' / 'epoch_1.pth'), strict=True)
     for name, layer in cbn_layers(model):
         torch.testing.assert_close(layer.histories[0].pending, ranks[0][name]['pending'])
         torch.testing.assert_close(layer.running_mean, ranks[0][name]['running_mean'])

@@ -207,13 +207,15 @@ def test_every_cbn_layer_of_mmseg_models_pairs_and_trains(name: str):
 
 @pytest.mark.parametrize('norm', ['BN', 'CBN'])
 def test_pooled_1x1_map_with_batch_1_raises_like_bn(norm: str):
+    from mmengine.registry import DefaultScope
     from mmseg.models.decode_heads import PSPHead
 
     norm_cfg = dict(type=norm, requires_grad=True)
     if norm == 'CBN':
         norm_cfg['window_size'] = 8
-    head = PSPHead(in_channels=16, channels=8, num_classes=3, pool_scales=(1, 2),
-                   norm_cfg=norm_cfg).train()
+    with DefaultScope.overwrite_default_scope('mmseg'):  # its loss is in mmseg's registry
+        head = PSPHead(in_channels=16, channels=8, num_classes=3, pool_scales=(1, 2),
+                       norm_cfg=norm_cfg).train()
     assert head.psp_modules[0][0].output_size == 1  # the image-level (1x1) pooled branch
     layers = [layer for _, layer in mmdet_cbn.cbn_layers(head)]
     if norm == 'CBN':
