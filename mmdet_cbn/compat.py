@@ -17,16 +17,19 @@ Importing ``mmdet_cbn`` applies none of them: each holds only where it is asked 
    and its default DDP wrapper passes ``device_ids=[LOCAL_RANK]``, which DDP rejects for
    CPU modules. :func:`setup_cpu_distributed` starts the gloo process group itself (the
    Runner then skips ``init_dist``) and sets mmengine's default wrapper without
-   ``device_ids``. With CUDA it does nothing. :func:`teardown_distributed` leaves the
-   process group at the end of a run, as PyTorch asks of distributed scripts (mmengine
-   never does): left to interpreter shutdown, gloo's threads once aborted a finished rank
-   with "terminate called without an active exception".
+   ``device_ids``. With CUDA it does nothing. :func:`end_distributed_process` leaves the
+   process group together at the end of a run, as PyTorch asks of distributed scripts
+   (mmengine never does), and ends the process without the interpreter's teardown, where
+   gloo's threads abort a finished rank now and then ("terminate called without an active
+   exception").
 """
 
 from __future__ import annotations
 
 import contextlib
 import importlib.util
+import logging
+import os
 import pickle
 import sys
 from collections.abc import Iterator
@@ -116,10 +119,25 @@ def setup_cpu_distributed(cfg: Config) -> None:
             find_unused_parameters=cfg.get('find_unused_parameters', False))
 
 
-def teardown_distributed() -> None:
-    """Destroy the default process group, if one is up (the end of a train or test run)."""
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
+def teardown_distributed() -> bool:
+    """Leave the default process group together (a barrier, then destroy), if one is up;
+    return whether one was."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return False
+    dist.barrier()
+    dist.destroy_process_group()
+    return True
+
+
+def end_distributed_process() -> None:
+    """:func:`teardown_distributed`, then, if the process was distributed, end it without the
+    interpreter's teardown: there gloo's threads abort a finished rank now and then
+    ("terminate called without an active exception", SIGABRT), after all its work is done."""
+    if teardown_distributed():
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
 
 
 def run_mmdet_tool(name: str) -> None:
@@ -147,4 +165,4 @@ def run_mmdet_tool(name: str) -> None:
                                             for key, value in cfg.model_wrapper_cfg.items())]
     with runner_checkpoint_globals():
         tool.main()
-    teardown_distributed()
+    end_distributed_process()

@@ -54,7 +54,7 @@ class History:
         self._weigh_slots()
 
     def _weigh_slots(self) -> None:
-        """Slot weights (1: a valid record) and the window they make; they change at commits."""
+        """The window the slots make: 1 + the valid ones (it changes at commits)."""
         self.window = 1 + self.valid.sum()
 
     def pack(self, record: SlotRecord, *also: Tensor) -> Tensor:

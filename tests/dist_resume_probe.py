@@ -11,7 +11,7 @@ from mmengine.dist import get_rank
 from mmengine.runner import Runner
 from test_reliability import LossRecorder, RandomData, SmallNet
 
-from mmdet_cbn.compat import runner_checkpoint_globals
+from mmdet_cbn.compat import end_distributed_process, runner_checkpoint_globals
 
 
 def main() -> None:
@@ -39,7 +39,7 @@ def main() -> None:
         runner.train()
     with open(osp.join(args.work_dir, f'losses_rank{get_rank()}.json'), 'w') as f:
         json.dump(recorder.losses, f)
-    dist.destroy_process_group()
+    end_distributed_process()
 
 
 if __name__ == '__main__':
