@@ -128,7 +128,9 @@ class Progress:
 
     def __init__(self, variant: str, epochs: int, position: int) -> None:
         self.epochs = epochs
+        self.status = ''
         self.maps: dict[str, str] = {}
+        self.nothing_detected = False
         self.bar = tqdm(total=None, desc=f'{LABELS[variant]:<30}', position=position,
                         unit='it', leave=True, dynamic_ncols=True)
 
@@ -138,10 +140,16 @@ class Progress:
             epoch, it, per_epoch, eta = train.groups()
             self.bar.total = self.epochs * int(per_epoch)
             self.bar.n = (int(epoch) - 1) * int(per_epoch) + int(it)
-            self.bar.set_postfix_str(f'epoch {epoch}/{self.epochs}, eta {eta}'
-                                     + ''.join(f', {k} mAP {v}' for k, v in self.maps.items()))
-        for kind, value in VAL_MAP.findall(line):
-            self.maps[kind] = f'{100 * float(value):.1f}'
+            self.status = f'epoch {epoch}/{self.epochs}, eta {eta}'
+        self.nothing_detected = self.nothing_detected or EMPTY_RESULTS in line
+        if VAL_LINE.search(line):  # the metrics of an evaluation without detections are stale
+            found = dict(VAL_MAP.findall(line))
+            self.maps = {kind: '0.0' if self.nothing_detected else f'{100 * float(value):.1f}'
+                         for kind, value in found.items()}
+            self.nothing_detected = False
+        if train or VAL_LINE.search(line):
+            self.bar.set_postfix_str(self.status + ''.join(f', {k} mAP {v}'
+                                                           for k, v in self.maps.items()))
 
     def close(self) -> None:
         if self.bar.total:

@@ -104,3 +104,10 @@ def test_demo_counts_an_evaluation_without_detections_as_zero(tmp_path: Path) ->
         'Epoch(val) [4][50/50]    coco/bbox_mAP: 0.1230  coco/segm_mAP: 0.1360\n'
         'Epoch(val) [6][50/50]    coco/bbox_mAP: 0.3310  coco/segm_mAP: 0.1250\n')
     assert demo.epochs_without_detections(log) == {4}
+    progress = demo.Progress('cbn', epochs=8, position=0)
+    for line in log.read_text().splitlines():
+        progress.feed(line)
+        if 'Epoch(val) [4]' in line:
+            assert progress.maps == {'bbox': '0.0', 'segm': '0.0'}
+    assert progress.maps == {'bbox': '33.1', 'segm': '12.5'}
+    progress.close()
