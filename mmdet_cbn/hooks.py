@@ -138,15 +138,14 @@ class CBNBurnInHook(Hook):
         rank, world_size = get_dist_info()
         weights = checkpoint['state_dict']
         own = states[rank] if len(states) == world_size else None
-        for name, _ in cbn_layers(self._model(runner)):
-            stale = [k for k in weights if k.startswith(f'{name}.cbn_history.')]
-            if own is not None:
-                stale += [f'{name}.{key}' for key in own.get(name, {})]
-            for key in stale:
-                weights.pop(key, None)
-            if own is not None:
+        names = [name for name, _ in cbn_layers(self._model(runner))]
+        histories = tuple(f'{name}.cbn_history.' for name in names)
+        for key in [k for k in weights if k.startswith(histories)]:  # rank 0's call sites
+            del weights[key]
+        if own is not None:
+            for name in names:
                 weights.update({f'{name}.{key}': value for key, value in own.get(name, {}).items()})
-        if own is None:
+        else:
             runner.logger.warning(
                 f'CBN: the checkpoint holds the CBN state of {len(states)} ranks, this run has '
                 f'{world_size}: CBN windows start empty (running statistics: rank 0\'s).')
