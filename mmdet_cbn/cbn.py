@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from .functional import (ConvGeometry, all_finite, record_statistics, stat_dtype,
+from .functional import (ConvGeometry, nonfinite, record_statistics, stat_dtype,
                          update_running_stats, window_normalize)
 from .history import FIELDS, History
 
@@ -330,42 +330,43 @@ class CrossIterationBatchNorm2d(_BatchNorm):
                 weight, bias = weight.detach(), None if bias is None else bias.detach()
         past = history.past(taylor) if history is not None and history.filled else None
         with torch.autocast(y.device.type, enabled=False) if _autocast_on(y) else _nothing():
-            out, mean, var, mu_bar, var_bar = window_normalize(
+            out, mean, var, window = window_normalize(
                 y, self.weight, self.bias, self.eps, weight=weight, bias=bias, past=past,
                 on_backward=self._on_backward)
             if not recomputing:
-                self._commit(y, conv_io, history, mean, var, mu_bar, var_bar, count)
+                self._commit(y, conv_io, history, mean, var, window, count)
         return out
 
     @torch.no_grad()
     def _commit(self, y: Tensor, conv_io: tuple[Tensor, Tensor] | None,
-                history: History | None, mean: Tensor, var: Tensor, mu_bar: Tensor,
-                var_bar: Tensor, count: int) -> None:
-        """Record this call for the next iterations and update the running statistics; a
-        call with non-finite statistics changes neither (no host sync)."""
-        if history is None:
-            checked = torch.cat([mu_bar, var_bar])
-        else:
+                history: History | None, mean: Tensor, var: Tensor, window: Tensor,
+                count: int) -> None:
+        """Record this call for the next iterations and update the running statistics from the
+        ``window``'s mean and variance; a call with a non-finite window changes neither (no
+        host sync). A finite window means a finite batch and record: ``y = conv(x; W)`` is
+        non-finite wherever an input or weight it reads is."""
+        bad = nonfinite(window)
+        keep = bad.logical_not()
+        self.nonfinite_batches.add_(bad)
+        if history is not None:
             taylor = self.compensation == 'taylor'
             record = record_statistics(
                 conv_io[0] if taylor else None, y, mean, var,
                 self._conv.weight if taylor else None, self._geometry if taylor else None,
                 grad_stride=self.grad_nu_stride, draw=self._draw())
-            checked = history.pending = history.pack(record, mu_bar, var_bar)
-        keep = all_finite(checked)
-        bad = keep.logical_not()
-        checked.masked_fill_(bad, 0)  # a bad record or window is all zeros, and stays out
-        self.nonfinite_batches.add_(bad)
+            # a bad record is all zeros and stays out of the window
+            history.write(record).masked_fill_(bad, 0)
+            history.valid[history.free].copy_(keep)
         if not self.track_running_stats:
             return
         self.num_batches_tracked.add_(1)
         factor = (self.momentum if self.momentum is not None
-                  else 1.0 / self.num_batches_tracked.to(mean.dtype))
+                  else 1.0 / self.num_batches_tracked.to(window.dtype))
         # examples per channel over the window (past batches taken as large as this one)
         examples = count * (1 + (history.filled if history is not None else 0))
-        window_mean, window_var = checked[-2 * self.num_features:].view(2, -1)
-        update_running_stats(self.running_mean, self.running_var, window_mean, window_var,
-                             examples=examples, factor=factor, keep=keep)
+        update_running_stats(self.running_mean, self.running_var,
+                             window.masked_fill_(bad, 0), examples=examples, factor=factor,
+                             keep=keep)
 
     def _draw(self) -> tuple[int, int]:
         """Offsets for the sampled ``d var / d W`` from the layer's own generator."""
@@ -454,6 +455,10 @@ class CrossIterationBatchNorm2d(_BatchNorm):
         for site, fields in stored.items():
             if set(FIELDS) | {'cursor'} <= set(fields):
                 self.histories[site] = History.from_state(fields, device)
+            elif {'xbar', 'grad_var'} & set(fields):
+                warnings.warn(f'{prefix}: the CBN history of call site {site} was saved by an '
+                              'earlier mmdet-cbn in another layout; it is dropped and the '
+                              'window refills in window_size - 1 iterations')
             else:
                 error_msgs.append(f'{prefix}: incomplete CBN history of call site {site} in the '
                                   f'state dict (has {sorted(fields)})')

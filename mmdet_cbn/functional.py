@@ -24,8 +24,8 @@ from torch.autograd.function import once_differentiable
 
 __all__ = [
     'ConvGeometry', 'SlotRecord', 'stat_dtype', 'mean_input_patch', 'grad_var_wrt_weight',
-    'record_statistics', 'compensate', 'PastRecords', 'window_normalize', 'update_running_stats',
-    'all_finite',
+    'patch_moments', 'record_statistics', 'compensate', 'PastRecords',
+    'window_normalize', 'nonfinite', 'update_running_stats',
 ]
 
 
@@ -64,18 +64,29 @@ class ConvGeometry:
 class SlotRecord(NamedTuple):
     """What one iteration leaves for the next ones (Eq. 7, 8 in the form of ``docs/math.md``).
 
-    ``mean``, ``var_intercept``: ``(C,)``; ``valid``: ``(1,)`` 1 (0 marks a discarded record);
-    ``xbar``: ``(g, D)`` mean input patch ``d mu / d W``; ``grad_var``: ``(C, D)``
-    ``d var / d W``. ``var_intercept = var - grad_var . W`` at that iteration, so that the
-    compensated variance at weights ``W(t)`` is ``var_intercept + grad_var . W(t) - delta^2``.
-    Without compensation ``xbar`` and ``grad_var`` are None and ``var_intercept = var``.
+    ``mean``, ``var_intercept``: ``(C,)``; ``patch_moments``: ``(g, C/g + 1, D)``, per group
+    the rows ``d var_c / d W_c`` of its ``C/g`` channels followed by ``Xbar``, the mean input
+    patch ``d mu / d W`` (the layout one weight-gradient conv computes both in, see
+    :func:`patch_moments`). ``var_intercept = var - grad_var . W`` at that iteration, so that
+    the compensated variance at weights ``W(t)`` is ``var_intercept + grad_var . W(t) -
+    delta^2``. Without compensation ``patch_moments`` is None and ``var_intercept = var``.
     """
 
     mean: Tensor
     var_intercept: Tensor
-    valid: Tensor
-    xbar: Tensor | None
-    grad_var: Tensor | None
+    patch_moments: Tensor | None
+
+    @property
+    def xbar(self) -> Tensor | None:
+        """``(g, D)``: ``d mu / d W`` per group."""
+        return None if self.patch_moments is None else self.patch_moments[:, -1]
+
+    @property
+    def grad_var(self) -> Tensor | None:
+        """``(C, D)``: ``d var / d W``."""
+        if self.patch_moments is None:
+            return None
+        return self.patch_moments[:, :-1].reshape(-1, self.patch_moments.shape[-1])
 
 
 def stat_dtype(t: Tensor) -> torch.dtype:
@@ -181,10 +192,43 @@ def grad_var_wrt_weight(x: Tensor, y: Tensor, mean: Tensor, geometry: ConvGeomet
 
 
 @functools.lru_cache(maxsize=64)
-def _ones(size: int, device: torch.device, dtype: torch.dtype) -> Tensor:
-    """A constant ``(size,)`` tensor of ones (read, never written)."""
+def _constant(shape: tuple[int, ...], value: float, device: torch.device,
+              dtype: torch.dtype) -> Tensor:
+    """A cached constant tensor (read, never written)."""
     with torch.inference_mode(False):
-        return torch.ones(size, device=device, dtype=dtype)
+        return torch.full(shape, value, device=device, dtype=dtype)
+
+
+@functools.lru_cache(maxsize=64)
+def _zero_weight(shape: tuple[int, ...], device: torch.device, dtype: torch.dtype) -> Tensor:
+    """A tensor of ``shape`` for a weight-gradient conv, which reads only the weight's shape."""
+    return _constant((), 0.0, device, dtype).expand(shape)
+
+
+def patch_moments(x: Tensor, y: Tensor, mean: Tensor, geometry: ConvGeometry) -> Tensor:
+    """``d var / d W`` and ``Xbar`` in one weight-gradient conv: ``(g, C/g + 1, D)``.
+
+    Both are weight gradients of the conv: for the output gradient ``2 (y - mu) / M``
+    (:func:`grad_var_wrt_weight`) and for the constant ``1 / M`` (:func:`mean_input_patch`).
+    Constant channels appended to each group of the centered output give, per group, the
+    rows of its ``C/g`` channels' ``d var / d W`` followed by ``Xbar`` (8 channels without
+    groups, all ``Xbar``: the output channels stay a multiple of 8 when ``C`` is, as
+    tensor-core kernels want). In float32, or float64 for float64 inputs.
+    """
+    dtype = stat_dtype(y)
+    n, channels, height, width = y.shape
+    groups = geometry.groups
+    per_group, extra = channels // groups, 8 if groups == 1 else 1
+    centered = (y if y.dtype == dtype else y.to(dtype)) - mean.view(1, -1, 1, 1)
+    constant = _constant((1, 1, 1, 1, 1), 0.5, y.device, dtype)
+    grad_y = torch.cat([centered.view(n, groups, per_group, height, width),
+                        constant.expand(n, groups, extra, height, width)], 2)
+    grad_y = grad_y.view(n, channels + groups * extra, height, width)
+    weight = _zero_weight((grad_y.shape[1], *geometry.weight_shape[1:]), y.device, dtype)
+    grad_w = _conv_weight_grad(x if x.dtype == dtype else x.to(dtype), grad_y, weight,
+                               geometry, geometry.stride, geometry.padding)
+    grad_w = grad_w.view(groups, per_group + extra, -1)[:, :per_group + 1]
+    return grad_w.mul_(2.0 / (n * height * width))
 
 
 def record_statistics(x: Tensor | None, y: Tensor, mean: Tensor, var: Tensor,
@@ -202,29 +246,33 @@ def record_statistics(x: Tensor | None, y: Tensor, mean: Tensor, var: Tensor,
             else every ``s``-th position in each direction from ``draw``.
         draw: the random offsets in ``[0, s)``, ``[0, s^2)`` for images.
     """
-    valid = _ones(1, mean.device, mean.dtype)
     if geometry is None:
-        return SlotRecord(mean, var, valid, None, None)
-    xbar = mean_input_patch(x, geometry, y.shape[2:])
+        return SlotRecord(mean, var, None)
+    groups, depth = geometry.groups, geometry.depth
     step = grad_stride ** 2
-    if grad_stride > 1 and y.shape[0] >= 4 * step:
-        # every s^2-th image (RoI): a stride-1 conv; inverse inclusion probability s^2
-        first = draw[0] % step
-        grad_var = grad_var_wrt_weight(x[first::step], y[first::step], mean, geometry,
-                                       weight=weight)
-        grad_var.mul_(y[first::step].shape[0] * step / y.shape[0])
+    if grad_stride == 1:
+        moments = patch_moments(x, y, mean, geometry)
     else:
-        grad_var = grad_var_wrt_weight(x, y, mean, geometry, stride=grad_stride,
-                                       offset=(draw[0] % grad_stride, draw[1] % grad_stride),
-                                       weight=weight)
-    flat_weight = weight.reshape(weight.shape[0], -1).to(grad_var.dtype)
-    var_intercept = var - torch.linalg.vecdot(grad_var, flat_weight)
-    return SlotRecord(mean, var_intercept, valid, xbar, grad_var)
+        if y.shape[0] >= 4 * step:
+            # every s^2-th image (RoI): a stride-1 conv; inverse inclusion probability s^2
+            first = draw[0] % step
+            grad_var = grad_var_wrt_weight(x[first::step], y[first::step], mean, geometry,
+                                           weight=weight)
+            grad_var.mul_(y[first::step].shape[0] * step / y.shape[0])
+        else:
+            grad_var = grad_var_wrt_weight(x, y, mean, geometry, stride=grad_stride,
+                                           offset=(draw[0] % grad_stride,
+                                                   draw[1] % grad_stride), weight=weight)
+        xbar = mean_input_patch(x, geometry, y.shape[2:])
+        moments = torch.cat([grad_var.view(groups, -1, depth), xbar.unsqueeze(1)], 1)
+    flat_weight = weight.reshape(moments.shape[0], -1, depth).to(moments.dtype)
+    var_intercept = var - torch.linalg.vecdot(moments[:, :-1], flat_weight).view(-1)
+    return SlotRecord(mean, var_intercept, moments)
 
 
 def compensate(weight: Tensor | None, bias: Tensor | None, *, mean: Tensor,
                var_intercept: Tensor, xbar: Tensor | None, grad_var: Tensor | None
-               ) -> tuple[Tensor, Tensor, Tensor]:
+               ) -> tuple[Tensor, Tensor, Tensor | None]:
     """Past statistics moved to the current weights (Eq. 7, 8), all slots at once.
 
     ``mu_hat = W(t) . Xbar + b(t)`` (exact: ``mu`` is linear in ``W``) and
@@ -238,11 +286,11 @@ def compensate(weight: Tensor | None, bias: Tensor | None, *, mean: Tensor,
         mean, var_intercept: ``(S, C)``; xbar: ``(S, g, D)``; grad_var: ``(S, C, D)``.
 
     Returns:
-        ``(mu_hat, var_hat, delta)``, each ``(S, C)``: ``var_hat`` not yet clamped at 0 and
-        ``delta = mu_hat - mu``, the change of the mean (None without compensation).
+        ``(mu_hat, var_hat, delta)``, each ``(S, C)`` and new: ``var_hat`` not yet clamped at
+        0 and ``delta = mu_hat - mu``, the change of the mean (None without compensation).
     """
     if xbar is None:
-        return mean, var_intercept, None
+        return mean, var_intercept.clone(), None
     slots, groups, depth = xbar.shape
     flat = weight.reshape(weight.shape[0], depth).to(xbar.dtype)
     if groups == 1:  # (S, D) @ (D, C), plus the bias, in one product
@@ -261,8 +309,8 @@ def compensate(weight: Tensor | None, bias: Tensor | None, *, mean: Tensor,
 
 def _batch_moments(y: Tensor) -> tuple[Tensor, Tensor]:
     """Per-channel mean and biased variance of ``y`` in one stable pass of BatchNorm's own
-    statistics kernel; ``var_mean`` where that kernel has no implementation
-    (meta tensors, ``torch.compile`` tracing)."""
+    statistics kernel; ``var_mean`` where that kernel has no implementation (meta tensors,
+    ``torch.compile`` tracing)."""
     if y.device.type == 'meta' or torch.compiler.is_compiling():
         var, mean = torch.var_mean(y, dim=(0, 2, 3), correction=0)
         return mean, var
@@ -272,12 +320,12 @@ def _batch_moments(y: Tensor) -> tuple[Tensor, Tensor]:
 class PastRecords(NamedTuple):
     """The window's past slots as the normalization reads them (none of them needs grad)."""
 
-    mean: Tensor  # (S, C)
-    var_intercept: Tensor  # (S, C)
-    slot_weight: Tensor  # (S,) 1 for a valid record, 0 for an empty or discarded slot
-    window: Tensor  # () 1 + sum(slot_weight): iterations aggregated
-    xbar: Tensor | None  # (S, g, D)
-    grad_var: Tensor | None  # (S, C, D)
+    mean: Tensor  # (P, C)
+    var_intercept: Tensor  # (P, C)
+    slot_weight: Tensor  # (P,) 1 for a record in the window, 0 for an empty, discarded or free slot
+    window: Tensor  # () k = 1 + sum(slot_weight): iterations aggregated
+    xbar: Tensor | None  # (P, g, D)
+    grad_var: Tensor | None  # (P, C, D)
 
 
 class _WindowNormalize(torch.autograd.Function):
@@ -294,36 +342,35 @@ class _WindowNormalize(torch.autograd.Function):
     ``1/k``) and misses ``C`` by a per-channel constant, added in one pass. With the gradient
     through the compensation, ``d L / d mu_hat_j`` and ``d L / d var_hat_j`` go to the conv
     weight through ``d mu_hat / d W = Xbar`` and ``d var_hat / d W = grad_var - 2 delta Xbar``
-    (bias: ``1`` and ``-2 delta``): two small batched products.
+    (bias: ``1`` and ``-2 delta``): two small products.
     """
 
     @staticmethod
     def forward(ctx, y, gamma, beta, weight, bias, past, eps, on_backward):
-        dtype = stat_dtype(y)
-        y_stats = y if y.dtype == dtype else y.to(dtype)
+        y_stats = y if y.dtype in (torch.float32, torch.float64) else y.float()
         mean, var = _batch_moments(y_stats)
-        if past is None:
-            k, mu_bar, var_bar = 1, mean, var
+        if past is None:  # k = 1: the batch is the window
+            k, mu_bar, var_bar = None, mean, var
         else:
-            mu_hat, var_hat, delta = compensate(weight, bias, mean=past.mean,
-                                                var_intercept=past.var_intercept,
-                                                xbar=past.xbar, grad_var=past.grad_var)
+            mu_hat, var_hat, delta = compensate(
+                weight, bias, mean=past.mean, var_intercept=past.var_intercept,
+                xbar=past.xbar, grad_var=past.grad_var)
             w, k = past.slot_weight, past.window
             mu_bar = torch.addmv(mean, mu_hat.t(), w).div_(k)
             spread, gap = mu_hat - mu_bar, mean - mu_bar
             var_bar = torch.addmv(torch.addcmul(var, gap, gap),
-                                  torch.addcmul(var_hat.clamp_min(0), spread, spread).t(),
+                                  torch.addcmul(var_hat.clamp_min_(0), spread, spread).t(),
                                   w).div_(k)
             if weight is not None and weight.requires_grad:
-                ctx.past, ctx.slot_terms = past, (spread, var_hat > 0, delta)
+                ctx.past, ctx.slot_terms = past, (spread, var_hat, delta)
         out = torch.batch_norm(y, gamma, beta, mu_bar, var_bar, False, 0.0, eps, True)
         ctx.save_for_backward(y, gamma, mu_bar, var_bar)
-        ctx.k, ctx.eps, ctx.has_past = k, eps, past is not None
+        ctx.eps, ctx.k, ctx.on_backward = eps, k, on_backward
         ctx.weight_shape = None if weight is None else weight.shape
-        ctx.on_backward = on_backward
-        ctx.mark_non_differentiable(mean, var, mu_bar, var_bar)
+        window = torch.stack([mu_bar, var_bar])
+        ctx.mark_non_differentiable(mean, var, window)
         ctx.set_materialize_grads(False)
-        return out, mean, var, mu_bar, var_bar
+        return out, mean, var, window
 
     @staticmethod
     @once_differentiable
@@ -333,60 +380,81 @@ class _WindowNormalize(torch.autograd.Function):
         if grad_out is None:  # only the (non-differentiable) statistics were used
             return (None,) * 8
         y, gamma, mu_bar, var_bar = ctx.saved_tensors
+        inv_std = (var_bar + ctx.eps).rsqrt_()
+        if gamma is None:
+            gamma = torch.ones_like(inv_std)
+        elif gamma.dtype != inv_std.dtype:
+            gamma = gamma.to(inv_std.dtype)
         k = ctx.k
-        inv_std = torch.rsqrt(var_bar + ctx.eps)
-        gamma = torch.ones_like(inv_std) if gamma is None else gamma.to(inv_std.dtype)
-        root_k = k.sqrt() if isinstance(k, Tensor) else 1.0
+        if k is None:  # BatchNorm's backward
+            grad_y, grad_gamma, g_sum = torch.ops.aten.native_batch_norm_backward(
+                grad_out, y, gamma, None, None, mu_bar, inv_std, True, ctx.eps,
+                [True, True, True])
+            return _input_grads(ctx, grad_y, grad_gamma, g_sum)
+        root_k = k.sqrt()
         # BN's training backward with batch mean m, inverse std s and weight w returns
         # (g - sum(g)/M - (y - m) s^2 sum(g (y - m))/M) s w,  sum(g (y - m)) s,  sum(g).
         grad_y, grad_w, g_sum = torch.ops.aten.native_batch_norm_backward(
             grad_out, y, gamma * root_k, None, None, mu_bar, inv_std / root_k, True, ctx.eps,
             [True, True, True])
-        if ctx.has_past:
-            # Eq. 9-11 subtract sum(g)/(k M) where the kernel subtracted sum(g)/M.
-            count = y.numel() // y.shape[1]
-            shift = gamma * inv_std * g_sum * ((k - 1) / (k * count))
-            grad_y.add_(shift.to(grad_y.dtype).view(1, -1, *([1] * (y.dim() - 2))))
-        grad_gamma = grad_w * root_k  # sum(g (y - mu_bar)) * inv_std
-        grad_weight = grad_bias = None
-        if ctx.has_past and hasattr(ctx, 'slot_terms'):
-            grad_weight, grad_bias = _grad_through_compensation(
-                ctx.past, *ctx.slot_terms, k=k, grad_mu_bar=-gamma * inv_std * g_sum,
-                grad_var_bar=-0.5 * inv_std.square() * gamma * grad_gamma)
-            grad_weight = grad_weight.view(ctx.weight_shape)
-        return (grad_y, grad_gamma if ctx.needs_input_grad[1] else None,
-                g_sum if ctx.needs_input_grad[2] else None,
-                grad_weight if ctx.needs_input_grad[3] else None,
-                grad_bias if ctx.needs_input_grad[4] else None, None, None, None)
+        gamma_inv_std = gamma * inv_std
+        neg_grad_mu_bar = gamma_inv_std * g_sum
+        # Eq. 9-11 subtract sum(g)/(k M) where the kernel subtracted sum(g)/M.
+        count = y.numel() // y.shape[1]
+        shift = torch.sub(neg_grad_mu_bar, neg_grad_mu_bar / k).div_(count)
+        grad_y.add_(shift.to(grad_y.dtype).view(1, -1, 1, 1))
+        grad_gamma = grad_w.mul_(root_k)  # sum(g (y - mu_bar)) * inv_std
+        if not hasattr(ctx, 'slot_terms'):
+            return _input_grads(ctx, grad_y, grad_gamma, g_sum)
+        grad_weight, grad_bias = _grad_through_compensation(
+            ctx.past, *ctx.slot_terms, neg_grad_mu_bar=neg_grad_mu_bar,
+            grad_var_bar_2=gamma_inv_std.mul_(inv_std).mul_(grad_gamma))
+        return _input_grads(ctx, grad_y, grad_gamma, g_sum, grad_weight.view(ctx.weight_shape),
+                            grad_bias)
 
 
-def _grad_through_compensation(past: PastRecords, spread: Tensor, positive: Tensor,
-                               delta: Tensor, *, k: Tensor, grad_mu_bar: Tensor,
-                               grad_var_bar: Tensor) -> tuple[Tensor, Tensor]:
+def _input_grads(ctx, *grads: Tensor) -> tuple[Tensor | None, ...]:
+    """The gradients of ``_WindowNormalize``'s inputs: None where an input needs none."""
+    needs = ctx.needs_input_grad
+    return tuple(g if need else None for g, need in zip(grads, needs)) + (None,) * (
+        len(needs) - len(grads))
+
+
+def _grad_through_compensation(past: PastRecords, spread: Tensor, var_hat: Tensor,
+                               delta: Tensor, *, neg_grad_mu_bar: Tensor,
+                               grad_var_bar_2: Tensor) -> tuple[Tensor, Tensor]:
     """``d L / d W`` and ``d L / d b`` through the compensated past slots (Eq. 7, 8).
 
-    ``d L / d mu_hat_j = w_j / k (g_mu + 2 g_var (mu_hat_j - mu_bar))`` and
-    ``d L / d var_hat_j = w_j / k g_var [var_hat_j > 0]``; ``mu_hat`` is linear in ``W`` with
-    slope ``Xbar`` and ``var_hat`` has slope ``grad_var - 2 delta Xbar``.
+    With ``a = -d L / d mu_bar`` and ``q = -2 d L / d var_bar`` (``grad_var_bar_2``):
+    ``d L / d mu_hat_j = -w_j / k (a + q (mu_hat_j - mu_bar))`` and
+    ``d L / d var_hat_j = -w_j / k q / 2 [var_hat_j > 0]``; ``mu_hat`` is linear in ``W`` with
+    slope ``Xbar`` and ``var_hat`` has slope ``grad_var - 2 delta Xbar``, so the slope of
+    ``Xbar`` is ``-(w_j / k (a + q spread_j) - [var_hat_j > 0] w_j / k q delta_j)``.
     """
-    w = (past.slot_weight / k).unsqueeze(1)  # (S, 1)
-    d_var_hat = w * grad_var_bar * positive  # (S, C)
-    d_mean = torch.addcmul(w * grad_mu_bar, w * grad_var_bar, spread, value=2)
-    slope_xbar = torch.addcmul(d_mean, d_var_hat, delta, value=-2)  # (S, C)
+    w = (past.slot_weight / past.window).unsqueeze(1)  # (S, 1): w_j / k
+    half_var = (w * (var_hat > 0)).mul_(grad_var_bar_2)  # -2 d L / d var_hat_j; var_hat >= 0
+    neg_slope = torch.addcmul(neg_grad_mu_bar, grad_var_bar_2, spread).mul_(w)
+    neg_slope.addcmul_(half_var, delta, value=-1)
     slots, groups, depth = past.xbar.shape
-    channels = slope_xbar.shape[1]
-    grad_weight = torch.bmm(slope_xbar.t().reshape(groups, channels // groups, slots),
-                            past.xbar.transpose(0, 1)).reshape(channels, depth)
-    grad_weight = grad_weight + torch.bmm(d_var_hat.t().unsqueeze(1),
-                                          past.grad_var.transpose(0, 1)).squeeze(1)
-    return grad_weight, slope_xbar.sum(0)
+    # sum_j half_var_j grad_var_j as one broadcast product and sum (a strided batched product
+    # would run per channel on the CPU)
+    from_grad_var = torch.mul(half_var.unsqueeze(2), past.grad_var).sum(0)
+    if groups == 1:
+        grad_weight = torch.addmm(from_grad_var, neg_slope.t(), past.xbar[:, 0], beta=-0.5,
+                                  alpha=-1)
+    else:
+        channels = neg_slope.shape[1]
+        from_xbar = torch.bmm(neg_slope.t().reshape(groups, channels // groups, slots),
+                              past.xbar.transpose(0, 1)).reshape(channels, depth)
+        grad_weight = torch.add(from_xbar, from_grad_var, alpha=0.5).neg_()
+    return grad_weight, neg_slope.sum(0).neg_()
 
 
 def window_normalize(y: Tensor, gamma: Tensor | None, beta: Tensor | None, eps: float, *,
                      weight: Tensor | None = None, bias: Tensor | None = None,
                      past: PastRecords | None = None,
                      on_backward: Callable[[], None] | None = None
-                     ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+                     ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Normalize ``y`` with the statistics of the window (Eq. 7-11).
 
     Args:
@@ -399,31 +467,33 @@ def window_normalize(y: Tensor, gamma: Tensor | None, beta: Tensor | None, eps: 
         on_backward: called when the backward runs (how a layer learns an iteration ended).
 
     Returns:
-        ``(out, mu, var, mu_bar, var_bar)``: the normalized ``y`` (dtype of ``y``), the current
-        statistics and the window's (detached; float32, or float64 for float64 ``y``).
+        ``(out, mean, var, window)``: the normalized ``y`` (dtype of ``y``) and, detached,
+        the batch's mean and variance ``(C,)`` and the window's ``(2, C)`` (``mu_bar``,
+        ``var_bar``); float32, or float64 for float64 ``y``.
     """
     return _WindowNormalize.apply(y, gamma, beta, weight, bias, past, eps, on_backward)
 
 
-def all_finite(*tensors: Tensor) -> Tensor:
-    """0-d bool tensor: no element of ``tensors`` is NaN or infinite, without a host sync.
+def nonfinite(t: Tensor) -> Tensor:
+    """0-d bool tensor: some element of ``t`` is NaN or infinite, without a host sync.
 
-    ``t - t`` is 0 for finite elements and NaN otherwise, so its sum is exactly 0 iff all are
-    finite (a sum of the values themselves could overflow).
+    ``0 * t`` is 0 for finite elements and NaN otherwise, so the dot product of the elements
+    with zeros is exactly 0 iff all are finite, else NaN (a sum of the values could overflow).
     """
-    flat = torch.cat([t.reshape(-1) for t in tensors]) if len(tensors) > 1 else tensors[0]
-    return (flat - flat).sum(dtype=stat_dtype(flat)) == 0
+    flat = t.reshape(-1)
+    return torch.dot(flat, _constant(flat.shape, 0.0, flat.device, flat.dtype)).isnan()
 
 
-def update_running_stats(running_mean: Tensor, running_var: Tensor, mean: Tensor,
-                         var: Tensor, *, examples: int, factor: Tensor | float,
-                         keep: Tensor) -> None:
+def update_running_stats(running_mean: Tensor, running_var: Tensor, window: Tensor, *,
+                         examples: int, factor: Tensor | float, keep: Tensor) -> None:
     """BatchNorm's running-average step, in place: ``r <- r + factor (stat - r)``.
 
-    The variance enters unbiased, ``var * n / (n - 1)`` with ``n = examples`` per channel.
-    Where ``keep`` (0-d bool) is false the step is 0 and the buffers stay as they are, without
-    a host sync; ``mean`` and ``var`` must then be finite (``0 * nan`` is nan).
+    ``window`` is ``(2, C)``: the mean and the biased variance, which enters unbiased,
+    ``var * n / (n - 1)`` with ``n = examples`` per channel. Where ``keep`` (0-d, bool or 0/1)
+    is false the step is 0 and the buffers stay as they are, without a host sync; ``window``
+    must then be finite (``0 * nan`` is nan).
     """
     step = keep * factor
-    running_mean.lerp_(mean.to(running_mean.dtype), step)
-    running_var.lerp_((var * (examples / max(examples - 1, 1))).to(running_var.dtype), step)
+    running_mean.lerp_(window[0].to(running_mean.dtype), step)
+    unbiased = window[1] * (examples / max(examples - 1, 1))
+    running_var.lerp_(unbiased.to(running_var.dtype), step)

@@ -6,92 +6,108 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from .functional import SlotRecord, PastRecords
+from .functional import PastRecords, SlotRecord
 
 __all__ = ['History']
 
-FIELDS = ('mean', 'var_intercept', 'valid', 'xbar', 'grad_var')
+FIELDS = ('mean', 'var_intercept', 'valid', 'patch_moments')
 
 
 class History:
-    """The :class:`~mmdet_cbn.functional.SlotRecord` of the last ``S`` iterations.
+    """The :class:`~mmdet_cbn.functional.SlotRecord` of the last ``S`` iterations, and a free
+    slot where the running iteration writes its own.
 
-    All slots live in one ``(S, R)`` tensor, so that committing a record is one copy; the
-    fields are named views of it (``mean`` ``(S, C)``, ``var_intercept`` ``(S, C)``, ``valid``
-    ``(S,)``, ``xbar`` ``(S, g, D)``, ``grad_var`` ``(S, C, D)``; ``D = 0`` without
-    compensation). Empty and discarded (non-finite) slots are zeros, ``valid = 0``.
+    All ``S + 1`` slots live in one ``(S + 1, R)`` tensor; the fields are named views of it
+    (``mean`` ``(S + 1, C)``, ``var_intercept`` ``(S + 1, C)``, ``valid`` ``(S + 1,)``,
+    ``patch_moments`` ``(S + 1, g, C/g + 1, D)``, ``D = 0`` without compensation). Empty,
+    discarded (non-finite) and free slots have ``valid = 0`` and weigh 0 in the window.
 
-    The record of the running iteration waits in :attr:`pending` until the next iteration
-    starts (:meth:`commit`): until then the window is the same for every forward of this
-    iteration, so a gradient-checkpointing recomputation sees what the first forward saw.
+    The record of the running iteration waits in the free slot until the next iteration starts
+    (:meth:`commit`): until then the window is the same for every forward of this iteration,
+    so a gradient-checkpointing recomputation sees what the first forward saw.
     """
 
     def __init__(self, slots: int, channels: int, groups: int, depth: int,
                  device: torch.device, dtype: torch.dtype) -> None:
         self.shape = (channels, groups, depth)
-        self.records = torch.zeros(slots, self.record_size, device=device, dtype=dtype)
-        self.cursor = 0
-        self.filled = 0
-        self.pending: Tensor | None = None
+        self.records = torch.zeros(slots + 1, self.record_size, device=device, dtype=dtype)
+        self.free = 0  # the slot the running iteration writes
+        self.filled = 0  # committed records, at most ``slots``
+        self.written = False  # the free slot holds the running iteration's record
         self._make_views()
+        self._weigh()
 
     @property
     def record_size(self) -> int:
         channels, groups, depth = self.shape
-        return 2 * channels + 1 + groups * depth + channels * depth
+        return 2 * channels + 1 + (channels + groups) * depth
 
     @property
     def slots(self) -> int:
-        return self.records.shape[0]
+        """``S``: the past iterations the window holds."""
+        return self.records.shape[0] - 1
 
     def _make_views(self) -> None:
         channels, groups, depth = self.shape
-        sizes = (channels, channels, 1, groups * depth, channels * depth)
-        shapes = ((channels,), (channels,), (), (groups, depth), (channels, depth))
-        parts = self.records.split(sizes, dim=1)
-        for name, part, shape in zip(FIELDS, parts, shapes):
-            setattr(self, name, part.view(self.slots, *shape))
-        self._weigh_slots()
+        physical = self.records.shape[0]
+        sizes = (channels, channels, 1, (channels + groups) * depth)
+        shapes = ((channels,), (channels,), (), (groups, channels // groups + 1, depth))
+        for name, part, shape in zip(FIELDS, self.records.split(sizes, dim=1), shapes):
+            setattr(self, name, part.view(physical, *shape))
 
-    def _weigh_slots(self) -> None:
-        """The window the slots make: 1 + the valid ones (it changes at commits)."""
-        self.window = 1 + self.valid.sum()
-
-    def pack(self, record: SlotRecord, *also: Tensor) -> Tensor:
-        """One flat tensor of ``record`` in this history's layout (its first ``R`` values),
-        followed by ``also`` (checked for finiteness with it in one pass)."""
-        parts = [record.mean, record.var_intercept, record.valid]
-        if record.xbar is not None:
-            parts += [record.xbar.reshape(-1), record.grad_var.reshape(-1)]
-        return torch.cat(parts + list(also))
+    def _weigh(self) -> None:
+        """The slots' weights in the window: their validity, the free slot's 0 (a copy: the
+        running iteration writes its own validity into the free slot)."""
+        self.slot_weight = self.valid.clone()
+        self.slot_weight[self.free] = 0
+        self.window = 1 + self.slot_weight.sum()
 
     def past(self, compensated: bool) -> PastRecords:
-        """The slots as the window normalization reads them."""
-        return PastRecords(self.mean, self.var_intercept, self.valid, self.window,
-                            self.xbar if compensated else None,
-                            self.grad_var if compensated else None)
+        """The slots as the window normalization reads them (the free one weighs 0)."""
+        if not compensated:
+            return PastRecords(self.mean, self.var_intercept, self.slot_weight, self.window,
+                               None, None)
+        moments = self.patch_moments
+        channels, _, depth = self.shape
+        grad_var = moments[:, :, :-1].reshape(moments.shape[0], channels, depth)
+        return PastRecords(self.mean, self.var_intercept, self.slot_weight, self.window,
+                           moments[:, :, -1], grad_var)
+
+    def write(self, record: SlotRecord) -> Tensor:
+        """Write the running iteration's record into the free slot; returns the slot's row
+        (``valid`` is left for the caller, who checks the row)."""
+        self.mean[self.free].copy_(record.mean)
+        self.var_intercept[self.free].copy_(record.var_intercept)
+        if record.patch_moments is not None:
+            self.patch_moments[self.free].copy_(record.patch_moments)
+        self.written = True
+        return self.records[self.free]
 
     @torch.no_grad()
     def commit(self) -> None:
-        """Move the pending record into the oldest slot (no host sync)."""
-        if self.pending is None:
+        """The running iteration's record joins the window, the oldest leaves (no host sync)."""
+        if not self.written:
             return
-        self.records[self.cursor].copy_(self.pending[:self.record_size])
-        self.pending = None
-        self._weigh_slots()
-        self.cursor = (self.cursor + 1) % self.slots
+        self.written = False
+        self.free = (self.free + 1) % self.records.shape[0]
         self.filled = min(self.filled + 1, self.slots)
+        self.valid[self.free].zero_()
+        self.slot_weight = self.valid.clone()
+        self.window = 1 + self.slot_weight.sum()
 
     def resized(self, slots: int) -> 'History':
-        """A history with ``slots`` slots holding the newest records of this one."""
-        self.commit()
+        """A history with ``slots`` slots holding the newest records of this one (and the
+        running iteration's, if written)."""
         new = History(slots, *self.shape, self.records.device, self.records.dtype)
-        newest = [(self.cursor - 1 - j) % self.slots for j in range(min(slots, self.filled))]
+        physical = self.records.shape[0]
+        newest = [(self.free - 1 - j) % physical for j in range(min(slots, self.filled))]
         for j, i in enumerate(reversed(newest)):
             new.records[j] = self.records[i]
-        new._weigh_slots()
-        new.cursor = len(newest) % slots
-        new.filled = len(newest)
+        new.free, new.filled = len(newest), len(newest)
+        if self.written:
+            new.records[new.free] = self.records[self.free]
+            new.written = True
+        new._weigh()
         return new
 
     def map(self, fn: Callable[[Tensor], Tensor]) -> None:
@@ -100,28 +116,24 @@ class History:
         probe = fn(torch.zeros((), dtype=self.records.dtype, device=self.records.device))
         dtype = torch.float64 if probe.dtype == torch.float64 else torch.float32
         self.records = self.records.to(probe.device, dtype)
-        if self.pending is not None:
-            self.pending = self.pending.to(probe.device, dtype)
         self._make_views()
+        self._weigh()
 
     def state(self) -> dict[str, Tensor]:
-        """The named fields, pending record included (for checkpoints)."""
+        """The named fields and the ring position ``[free, filled, written]`` (checkpoints)."""
         state = {name: getattr(self, name).clone() for name in FIELDS}
-        state['cursor'] = torch.tensor([self.cursor, self.filled])
-        if self.pending is not None:
-            state['pending'] = self.pending.clone()
+        state['cursor'] = torch.tensor([self.free, self.filled, int(self.written)])
         return state
 
     @classmethod
     def from_state(cls, state: dict[str, Tensor], device: torch.device) -> 'History':
         """The inverse of :meth:`state`."""
-        mean, xbar = state['mean'], state['xbar']
-        history = cls(mean.shape[0], mean.shape[1], xbar.shape[1], xbar.shape[2], device,
-                      mean.dtype)
+        mean, moments = state['mean'], state['patch_moments']
+        history = cls(mean.shape[0] - 1, mean.shape[1], moments.shape[1], moments.shape[3],
+                      device, mean.dtype)
         for name in FIELDS:
             getattr(history, name).copy_(state[name])
-        history._weigh_slots()
-        history.cursor, history.filled = (int(v) for v in state['cursor'])
-        if 'pending' in state:
-            history.pending = state['pending'].to(device)
+        history.free, history.filled, written = (int(v) for v in state['cursor'])
+        history.written = bool(written)
+        history._weigh()
         return history

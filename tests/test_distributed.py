@@ -43,16 +43,19 @@ def test_two_process_training_keeps_history_per_rank(digits_coco, tmp_path):
         r0, r1 = ranks[0][name], ranks[1][name]
         assert r0['steps'] == r1['steps'] == 2  # 8 images / (2 ranks x 2 per batch)
         # the window-4 step after burn-in left its record, to enter the next iteration's window
-        assert r0['valid'].sum() == r1['valid'].sum() == 0 and 'pending' in r0 and 'pending' in r1
+        free, filled, written = r0['cursor'].tolist()
+        assert filled == 0 and written == 1 and r1['cursor'].tolist() == [free, 0, 1]
         # each rank normalized its own shard: its own history and running statistics
-        assert not torch.allclose(r0['pending'], r1['pending'])
+        assert not torch.allclose(r0['patch_moments'][free], r1['patch_moments'][free])
         assert not torch.allclose(r0['running_mean'], r1['running_mean'])
 
     # the rank-0 checkpoint loads into a single-process model of the same config
     with runner_checkpoint_globals():
         load_checkpoint(model, str(tmp_path / 'work' / 'epoch_1.pth'), strict=True)
     for name, layer in cbn_layers(model):
-        torch.testing.assert_close(layer.histories[0].pending, ranks[0][name]['pending'])
+        restored = layer.histories[0].state()
+        for field in ('mean', 'var_intercept', 'valid', 'patch_moments', 'cursor'):
+            torch.testing.assert_close(restored[field], ranks[0][name][field])
         torch.testing.assert_close(layer.running_mean, ranks[0][name]['running_mean'])
 
 
@@ -80,8 +83,8 @@ def test_every_rank_resumes_its_own_cbn_state(tmp_path: Path) -> None:
     checkpoint = torch.load(tmp_path / 'cut' / 'epoch_2.pth', weights_only=False)
     ranks = checkpoint['cbn_rank_states']
     assert len(ranks) == 2
-    assert not torch.equal(ranks[0]['norm2']['cbn_history.0.pending'],
-                           ranks[1]['norm2']['cbn_history.0.pending'])
+    assert not torch.equal(ranks[0]['norm2']['cbn_history.0.patch_moments'],
+                           ranks[1]['norm2']['cbn_history.0.patch_moments'])
     # one process resuming the 2-rank checkpoint: the CBN windows start empty, and it says so
     runner, _ = make_runner(tmp_path / 'single', max_epochs=3)
     with runner_checkpoint_globals():

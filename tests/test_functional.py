@@ -5,8 +5,8 @@ import torch
 from torch import nn
 
 from cbn_reference import compensated, conv_kwargs, stats_and_grads
-from mmdet_cbn.functional import (ConvGeometry, PastRecords, all_finite, compensate,
-                                  grad_var_wrt_weight, mean_input_patch, record_statistics,
+from mmdet_cbn.functional import (ConvGeometry, PastRecords, compensate, grad_var_wrt_weight,
+                                  mean_input_patch, nonfinite, patch_moments, record_statistics,
                                   update_running_stats, window_normalize)
 
 CONVS = {
@@ -57,6 +57,11 @@ def test_closed_form_gradients_match_autograd(name, batch):
                                atol=1e-12)
     torch.testing.assert_close(grad_var_wrt_weight(x, y, mu, geometry), dvar_ref, rtol=1e-10,
                                atol=1e-12)
+    # both in one weight-gradient conv: per group, its channels' rows, then Xbar
+    moments = patch_moments(x, y, mu, geometry)
+    torch.testing.assert_close(moments[:, -1], xbar, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(moments[:, :-1].reshape(conv.out_channels, -1), dvar_ref,
+                               rtol=1e-10, atol=1e-12)
 
 
 @pytest.mark.parametrize('name', list(CONVS))
@@ -125,7 +130,9 @@ def test_stable_aggregation_equals_eq_10_and_clamps_each_slot():
     var = torch.tensor([[-8.0, 1.0], [4.0, 1.0]], dtype=torch.float64)  # slot 0 ch 0: < 0
     weights = torch.tensor([1.0, 0.0], dtype=torch.float64)
     past = PastRecords(mean, var, weights, 1 + weights.sum(), None, None)
-    out, mu, v, mu_bar, var_bar = window_normalize(y, None, None, 0.0, past=past)
+    out, mu, v, window = window_normalize(y, None, None, 0.0, past=past)
+    mu_bar, var_bar = window
+    torch.testing.assert_close((mu, v), moments(y))
     torch.testing.assert_close(mu_bar, torch.tensor([2.0, 2.0], dtype=torch.float64))
     nu = torch.stack([y.square().mean((0, 2, 3)), mean[0].square() + var[0].clamp_min(0)])
     torch.testing.assert_close(var_bar, nu.mean(0) - mu_bar.square())  # ch0 1, ch1 1.5
@@ -143,7 +150,7 @@ def test_window_normalize_backward_is_the_autograd_of_eq_7_11():
     past['var_intercept'][1, 2] -= 50.0  # one slot clamped at 0
     weights = torch.tensor([1.0, 0.0, 1.0], dtype=torch.float64)
     records = PastRecords(past['mean'], past['var_intercept'], weights, 1 + weights.sum(),
-                           past['xbar'], past['grad_var'])
+                          past['xbar'], past['grad_var'])
     y = torch.randn(3, 6, 4, 4, dtype=torch.float64, requires_grad=True)
     gamma = torch.rand(6, dtype=torch.float64, requires_grad=True)
     beta = torch.randn(6, dtype=torch.float64, requires_grad=True)
@@ -172,26 +179,31 @@ def test_window_normalize_backward_is_the_autograd_of_eq_7_11():
                                torch.autograd.grad(composite(*inputs), inputs, g))
 
 
-def test_update_running_stats_is_bn_and_keeps_buffers_on_bad_statistics():
-    running_mean, running_var = torch.zeros(3), torch.ones(3)
-    update_running_stats(running_mean, running_var, torch.tensor([1.0, 2.0, 3.0]),
-                         torch.tensor([2.0, 2.0, 2.0]), examples=5, factor=0.1,
-                         keep=torch.tensor(True))
-    torch.testing.assert_close(running_mean, torch.tensor([0.1, 0.2, 0.3]))
-    torch.testing.assert_close(running_var, torch.full((3,), 0.9 + 0.1 * 2.0 * 5 / 4))
+@pytest.mark.parametrize('dtype', [torch.float32, torch.float16])
+def test_update_running_stats_is_bn_and_keeps_buffers_on_bad_statistics(dtype):
+    running_mean, running_var = torch.zeros(3, dtype=dtype), torch.ones(3, dtype=dtype)
+    update_running_stats(running_mean, running_var,
+                         torch.tensor([[1.0, 2.0, 3.0], [2.0, 2.0, 2.0]]), examples=5,
+                         factor=0.1, keep=torch.tensor(True))
+    tolerance = dict(rtol=1e-3, atol=1e-3) if dtype == torch.float16 else {}
+    torch.testing.assert_close(running_mean, torch.tensor([0.1, 0.2, 0.3], dtype=dtype),
+                               **tolerance)
+    torch.testing.assert_close(running_var, torch.full((3,), 0.9 + 0.1 * 2.0 * 5 / 4,
+                                                       dtype=dtype), **tolerance)
     before = running_mean.clone(), running_var.clone()
-    update_running_stats(running_mean, running_var, torch.tensor([5.0, 1.0, 1.0]),
-                         torch.tensor([7.0, 1.0, 1.0]), examples=5, factor=0.1,
-                         keep=torch.tensor(False))
-    torch.testing.assert_close((running_mean, running_var), before)
+    update_running_stats(running_mean, running_var,
+                         torch.tensor([[5.0, 1.0, 1.0], [7.0, 1.0, 1.0]]), examples=5,
+                         factor=0.1, keep=torch.tensor(0.0))
+    torch.testing.assert_close((running_mean, running_var), before, rtol=0, atol=0)
 
 
-def test_all_finite_flags_nan_and_both_infinities_only():
+def test_nonfinite_flags_nan_and_both_infinities_only():
     big = torch.full((3,), torch.finfo(torch.float32).max)  # finite, but its sum overflows
-    assert all_finite(big, torch.zeros(2, 2)).item()
-    assert all_finite(torch.full((4,), 6e4, dtype=torch.float16)).item()
+    assert not nonfinite(big).item()
+    assert not nonfinite(torch.full((4,), 6e4, dtype=torch.float16)).item()
+    assert not nonfinite(torch.randn(4, 6)[:, 2]).item()  # strided
     for bad in (float('nan'), float('inf'), float('-inf')):
-        t = torch.ones(5)
-        t[3] = bad
-        assert not all_finite(torch.zeros(2), t).item()
-        assert not all_finite(t.double()).item()
+        t = torch.ones(2, 5)
+        t[1, 3] = bad
+        assert nonfinite(t).item()
+        assert nonfinite(t.double()).item()

@@ -66,13 +66,13 @@ def filled_layer(dtype=torch.float32):
 def test_conversions_to_16_bits_keep_the_history_in_float32(to):
     model = filled_layer()
     history = model[1].histories[0]
-    records, pending = history.records.clone(), history.pending.clone()
-    assert records[:, :4].abs().max() > 65504
+    records, weights = history.records.clone(), history.slot_weight.clone()
+    assert records[:, :4].abs().max() > 65504 and history.written
     model.to(to)
     history = model[1].histories[0]
-    assert history.records.dtype == history.pending.dtype == torch.float32
+    assert history.records.dtype == history.slot_weight.dtype == torch.float32
     torch.testing.assert_close(history.records, records, rtol=0, atol=0)
-    torch.testing.assert_close(history.pending, pending, rtol=0, atol=0)
+    torch.testing.assert_close(history.slot_weight, weights, rtol=0, atol=0)
     assert model[1].running_var.dtype == to  # the module's own buffers follow, as in BN
     model.to(torch.float64)
     assert model[1].histories[0].records.dtype == torch.float64
