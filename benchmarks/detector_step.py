@@ -17,8 +17,8 @@ A step is mmengine's ``model.train_step`` (data preprocessor, forward, losses, b
 as the training loop runs it (one backward per step: how the layers tell iterations apart
 without ``CBNBurnInHook``). Targets: exact <= 1.15 x BN, sampled <= 1.05 x BN (detached: for
 information). On CUDA it also reports each variant's peak memory of a step: the model's state
-(parameters, gradients, buffers, SGD momentum, CBN history with its pending records) plus the
-most allocated during the step above it.
+(parameters, gradients, buffers, SGD momentum, CBN history with the current iteration's
+records) plus the most allocated during the step above it.
 
 Where mmcv is installed without its compiled ops, RoIAlign and NMS run on torchvision's kernels
 in every variant (:mod:`mmcv_ops_fallback`); the JSON's ``mmcv_ops`` says which ran.
@@ -127,14 +127,14 @@ def build_variants(args: argparse.Namespace, device: torch.device) -> dict[str, 
 
 def state_bytes(model: nn.Module, optimizer: torch.optim.Optimizer) -> int:
     """Bytes a model keeps between steps: parameters, gradients, buffers, optimizer state and
-    the CBN history: every call site's slots (``records``) and pending record."""
+    the CBN history: every call site's slots (``records``), the current iteration's included."""
     tensors = [*model.parameters(), *(p.grad for p in model.parameters()), *model.buffers()]
     tensors += [t for state in optimizer.state.values() for t in state.values()
                 if isinstance(t, torch.Tensor)]
     for _, layer in cbn_layers(model):
         for history in layer.histories:
             if history is not None:
-                tensors += [history.records, history.pending]
+                tensors.append(history.records)
     return tensor_bytes(tensors)
 
 

@@ -2,8 +2,8 @@
 
 1. State: the bytes of a CBN layer's history (per layer and per slot: the ``records`` of its
    ``histories``, one per call site) against its conv weight, for the paper's window 4 and a
-   few others, and apart the ``pending`` record of the current iteration (held until the next
-   one starts), next to what the authors' approach keeps
+   few others, the record of the current iteration (written to a free slot, which joins the
+   window when the next iteration starts) apart, next to what the authors' approach keeps
    (old weight plus full-size ``d mu / d W`` and ``d nu / d W`` per slot, as
    ``layer_speed.AutogradCBN`` does). Target: at most one weight-sized tensor per slot plus
    O(channels) (the mean input patch ``Xbar``, ``C_in * kh * kw`` floats, is counted with it).
@@ -42,8 +42,7 @@ CBN_VARIANTS = ('cbn_exact', 'cbn_detached', 'cbn_sampled', 'autograd_cbn')
 def history_bytes(layer: CrossIterationBatchNorm2d) -> dict[str, int]:
     """Bytes of the layer's history by field, summed over its call sites (empty before its
     first windowed step): the named views of each ``History.records``, the slots of the past
-    iterations; ``pending`` (the current iteration's record, held until the next iteration
-    commits it) apart."""
+    iterations and the free slot holding the current iteration's record."""
     by_field: dict[str, int] = {}
     for history in layer.histories:
         if history is None:
@@ -54,13 +53,13 @@ def history_bytes(layer: CrossIterationBatchNorm2d) -> dict[str, int]:
 
 
 def records_bytes(layer: CrossIterationBatchNorm2d) -> int:
-    """Bytes of ``records`` (the slots) over the layer's call sites."""
+    """Bytes of ``records`` (the slots, the free one included) over the layer's call sites."""
     return tensor_bytes([h.records for h in layer.histories if h is not None])
 
 
-def pending_bytes(layer: CrossIterationBatchNorm2d) -> int:
-    """Bytes of the pending records (this iteration's, committed when the next one starts)."""
-    return tensor_bytes([h.pending for h in layer.histories if h is not None])
+def running_record_bytes(layer: CrossIterationBatchNorm2d) -> int:
+    """Bytes of the free slots (this iteration's records, in the window from the next one)."""
+    return tensor_bytes([h.records[h.free] for h in layer.histories if h is not None])
 
 
 def layer_state(channels: int, window: int, device: torch.device) -> dict[str, Any]:
@@ -88,9 +87,9 @@ def layer_state(channels: int, window: int, device: torch.device) -> dict[str, A
         'conv_weight_bytes': weight,
         'history_bytes': total,
         'history_bytes_by_field': per_field,
-        'pending_bytes': pending_bytes(layer),
-        'history_per_slot_over_weight': total / slots / weight,
-        'beyond_one_weight_per_slot_bytes': total - slots * weight,
+        'running_record_bytes': running_record_bytes(layer),
+        'history_per_slot_over_weight': (total - running_record_bytes(layer)) / slots / weight,
+        'beyond_one_weight_per_slot_bytes': total - running_record_bytes(layer) - slots * weight,
         'authors_approach_bytes': authors_total,
         'authors_per_slot_over_weight': authors_total / slots / weight,
     }
@@ -154,7 +153,7 @@ def step_peaks(shape: tuple[int, int, int, int], device: torch.device,
         peak = cuda_step_peak(step, device) if device.type == 'cuda' else _peak_cpu(step)
         state = tensor_bytes([*model.parameters(), *model.buffers()])
         if isinstance(model, nn.Sequential) and isinstance(model[1], CrossIterationBatchNorm2d):
-            state += records_bytes(model[1]) + pending_bytes(model[1])
+            state += records_bytes(model[1])
         elif isinstance(model, AutogradCBN):
             state += sum(tensor_bytes(record) for record in model.past)
         results[name] = {'step_peak_bytes': peak, 'state_bytes': state,
@@ -169,12 +168,12 @@ def print_report(results: dict[str, Any]) -> None:
     """State table, then one block of step peaks per shape."""
     print('\n== CBN state per layer (conv C->C 3x3) ==')
     print(f"{'C':>5}{'window':>7}{'weight MiB':>12}{'history MiB':>13}{'per slot/W':>12}"
-          f"{'extra beyond W/slot':>21}{'pending MiB':>13}{'authors MiB':>13}{'per slot/W':>12}")
+          f"{'extra beyond W/slot':>21}{'running MiB':>13}{'authors MiB':>13}{'per slot/W':>12}")
     for s in results['state']:
         print(f"{s['channels']:>5}{s['window']:>7}{s['conv_weight_bytes'] / MiB:>12.3f}"
               f"{s['history_bytes'] / MiB:>13.3f}{s['history_per_slot_over_weight']:>12.3f}"
               f"{s['beyond_one_weight_per_slot_bytes']:>19d} B"
-              f"{s['pending_bytes'] / MiB:>13.3f}"
+              f"{s['running_record_bytes'] / MiB:>13.3f}"
               f"{s['authors_approach_bytes'] / MiB:>13.3f}"
               f"{s['authors_per_slot_over_weight']:>12.3f}")
     for name, res in results['step_peak'].items():
