@@ -350,12 +350,12 @@ class CrossIterationBatchNorm2d(_BatchNorm):
         self.nonfinite_batches.add_(bad)
         if history is not None:
             taylor = self.compensation == 'taylor'
-            record = record_statistics(
+            record_statistics(
                 conv_io[0] if taylor else None, y, mean, var,
                 self._conv.weight if taylor else None, self._geometry if taylor else None,
-                grad_stride=self.grad_nu_stride, draw=self._draw())
+                grad_stride=self.grad_nu_stride, draw=self._draw(), out=history.free_slot())
             # a bad record is all zeros and stays out of the window
-            history.write(record).masked_fill_(bad, 0)
+            history.records[history.free].masked_fill_(bad, 0)
             history.valid[history.free].copy_(keep)
         if not self.track_running_stats:
             return
@@ -453,12 +453,12 @@ class CrossIterationBatchNorm2d(_BatchNorm):
         device = self.nonfinite_batches.device
         self.histories = [None] * (max(stored) + 1 if stored else 0)
         for site, fields in stored.items():
-            if set(FIELDS) | {'cursor'} <= set(fields):
-                self.histories[site] = History.from_state(fields, device)
-            elif {'xbar', 'grad_var'} & set(fields):
+            if 'pending' in fields or fields.get('cursor', torch.zeros(3)).numel() == 2:
                 warnings.warn(f'{prefix}: the CBN history of call site {site} was saved by an '
                               'earlier mmdet-cbn in another layout; it is dropped and the '
                               'window refills in window_size - 1 iterations')
+            elif set(FIELDS) | {'cursor'} <= set(fields):
+                self.histories[site] = History.from_state(fields, device)
             else:
                 error_msgs.append(f'{prefix}: incomplete CBN history of call site {site} in the '
                                   f'state dict (has {sorted(fields)})')

@@ -24,7 +24,7 @@ from torch.autograd.function import once_differentiable
 
 __all__ = [
     'ConvGeometry', 'SlotRecord', 'stat_dtype', 'mean_input_patch', 'grad_var_wrt_weight',
-    'patch_moments', 'record_statistics', 'compensate', 'PastRecords',
+    'record_statistics', 'compensate', 'PastRecords',
     'window_normalize', 'nonfinite', 'update_running_stats',
 ]
 
@@ -64,29 +64,17 @@ class ConvGeometry:
 class SlotRecord(NamedTuple):
     """What one iteration leaves for the next ones (Eq. 7, 8 in the form of ``docs/math.md``).
 
-    ``mean``, ``var_intercept``: ``(C,)``; ``patch_moments``: ``(g, C/g + 1, D)``, per group
-    the rows ``d var_c / d W_c`` of its ``C/g`` channels followed by ``Xbar``, the mean input
-    patch ``d mu / d W`` (the layout one weight-gradient conv computes both in, see
-    :func:`patch_moments`). ``var_intercept = var - grad_var . W`` at that iteration, so that
-    the compensated variance at weights ``W(t)`` is ``var_intercept + grad_var . W(t) -
-    delta^2``. Without compensation ``patch_moments`` is None and ``var_intercept = var``.
+    ``mean``, ``var_intercept``: ``(C,)``; ``xbar``: ``(g, D)`` mean input patch ``d mu / d W``;
+    ``grad_var``: ``(C, D)`` ``d var / d W``. ``var_intercept = var - grad_var . W`` at that
+    iteration, so that the compensated variance at weights ``W(t)`` is ``var_intercept +
+    grad_var . W(t) - delta^2``. Without compensation ``xbar`` and ``grad_var`` are None and
+    ``var_intercept = var``.
     """
 
     mean: Tensor
     var_intercept: Tensor
-    patch_moments: Tensor | None
-
-    @property
-    def xbar(self) -> Tensor | None:
-        """``(g, D)``: ``d mu / d W`` per group."""
-        return None if self.patch_moments is None else self.patch_moments[:, -1]
-
-    @property
-    def grad_var(self) -> Tensor | None:
-        """``(C, D)``: ``d var / d W``."""
-        if self.patch_moments is None:
-            return None
-        return self.patch_moments[:, :-1].reshape(-1, self.patch_moments.shape[-1])
+    xbar: Tensor | None
+    grad_var: Tensor | None
 
 
 def stat_dtype(t: Tensor) -> torch.dtype:
@@ -121,7 +109,8 @@ def _tap_rows(size: int, out_size: int, kernel: int, stride: int, padding: int,
         return out[:, :size]
 
 
-def mean_input_patch(x: Tensor, geometry: ConvGeometry, out_hw: tuple[int, int]) -> Tensor:
+def mean_input_patch(x: Tensor, geometry: ConvGeometry, out_hw: tuple[int, int], *,
+                     out: Tensor | None = None) -> Tensor:
     """``Xbar`` of Appendix B: the mean input patch, ``d mu_c / d W_c`` for every channel ``c``.
 
     ``Xbar[j, i, u] = 1/M sum_{n,p} x_patch(n, i, p + u)`` for the input channels of group ``j``.
@@ -131,7 +120,7 @@ def mean_input_patch(x: Tensor, geometry: ConvGeometry, out_hw: tuple[int, int])
     ``Xbar[i, a, b] = 1/M sum_{n,h,w} R[a, h] x[n, i, h, w] S[b, w]``: two matrix products, the
     first one reading ``x`` once, exact for any stride, padding and dilation.
 
-    Returns ``(g, D)`` in :func:`stat_dtype` of ``x``.
+    Returns ``(g, D)`` in :func:`stat_dtype` of ``x`` (written to ``out`` if given).
     """
     g = geometry.groups
     _, c_in_g, kh, kw = geometry.weight_shape
@@ -145,12 +134,12 @@ def mean_input_patch(x: Tensor, geometry: ConvGeometry, out_hw: tuple[int, int])
                      geometry.dilation[1], xf.device, dtype)
     xbar = torch.matmul(rows, torch.matmul(xf, cols.t()).sum(0))  # (c, a, b)
     m = x.shape[0] * out_hw[0] * out_hw[1]
-    return xbar.reshape(g, c_in_g * kh * kw).div_(m)
+    return torch.div(xbar.reshape(g, c_in_g * kh * kw), m, out=out)
 
 
 def grad_var_wrt_weight(x: Tensor, y: Tensor, mean: Tensor, geometry: ConvGeometry, *,
                         stride: int = 1, offset: tuple[int, int] = (0, 0),
-                        weight: Tensor | None = None) -> Tensor:
+                        weight: Tensor | None = None, out: Tensor | None = None) -> Tensor:
     """``d var / d W``: the weight gradient of the conv for the output gradient ``2 (y - mu) / M``.
 
     ``grad_var[c, i, u] = 2/M sum_{n,p} (y(n, c, p) - mu_c) x_patch(n, i, p + u)``, ``(C, D)``.
@@ -159,7 +148,8 @@ def grad_var_wrt_weight(x: Tensor, y: Tensor, mean: Tensor, geometry: ConvGeomet
     With ``stride = s > 1`` only the output positions ``offset + s * q`` enter, weighted by
     ``s^2`` (their inverse probability of being drawn): the estimate is unbiased for every map
     size when ``offset`` is uniform in ``[0, s)^2``, and ``s^2`` times cheaper. In float32, or
-    float64 for float64 inputs. ``weight`` (optional) is any tensor of the weight's shape.
+    float64 for float64 inputs. ``weight`` (optional) is any tensor of the weight's shape;
+    ``out`` (optional) receives the result.
     """
     dtype = stat_dtype(y)
     xf = x.to(dtype)
@@ -171,7 +161,8 @@ def grad_var_wrt_weight(x: Tensor, y: Tensor, mean: Tensor, geometry: ConvGeomet
         oh, ow = offset
         centered = centered[:, :, oh::stride, ow::stride]
         if centered.numel() == 0:  # a map smaller than the offset: nothing drawn this time
-            return y.new_zeros(y.shape[1], geometry.depth, dtype=dtype)
+            zeros = y.new_zeros(y.shape[1], geometry.depth, dtype=dtype)
+            return zeros if out is None else out.copy_(zeros)
         if geometry.weight_shape[2:] == (1, 1) and (ph, pw) == (0, 0):
             # a 1x1 conv sees one input pixel per output position: gather those, then a
             # stride-1 weight gradient (cheaper than a strided one)
@@ -188,7 +179,7 @@ def grad_var_wrt_weight(x: Tensor, y: Tensor, mean: Tensor, geometry: ConvGeomet
         weight = xf.new_zeros(()).expand(geometry.weight_shape)
     grad_w = _conv_weight_grad(xf.contiguous(), centered.contiguous(), weight, geometry,
                                conv_stride, conv_padding)
-    return grad_w.reshape(grad_w.shape[0], -1).mul_(2.0 / m)
+    return torch.mul(grad_w.reshape(grad_w.shape[0], -1), 2.0 / m, out=out)
 
 
 @functools.lru_cache(maxsize=64)
@@ -199,41 +190,10 @@ def _constant(shape: tuple[int, ...], value: float, device: torch.device,
         return torch.full(shape, value, device=device, dtype=dtype)
 
 
-@functools.lru_cache(maxsize=64)
-def _zero_weight(shape: tuple[int, ...], device: torch.device, dtype: torch.dtype) -> Tensor:
-    """A tensor of ``shape`` for a weight-gradient conv, which reads only the weight's shape."""
-    return _constant((), 0.0, device, dtype).expand(shape)
-
-
-def patch_moments(x: Tensor, y: Tensor, mean: Tensor, geometry: ConvGeometry) -> Tensor:
-    """``d var / d W`` and ``Xbar`` in one weight-gradient conv: ``(g, C/g + 1, D)``.
-
-    Both are weight gradients of the conv: for the output gradient ``2 (y - mu) / M``
-    (:func:`grad_var_wrt_weight`) and for the constant ``1 / M`` (:func:`mean_input_patch`).
-    Constant channels appended to each group of the centered output give, per group, the
-    rows of its ``C/g`` channels' ``d var / d W`` followed by ``Xbar`` (8 channels without
-    groups, all ``Xbar``: the output channels stay a multiple of 8 when ``C`` is, as
-    tensor-core kernels want). In float32, or float64 for float64 inputs.
-    """
-    dtype = stat_dtype(y)
-    n, channels, height, width = y.shape
-    groups = geometry.groups
-    per_group, extra = channels // groups, 8 if groups == 1 else 1
-    centered = (y if y.dtype == dtype else y.to(dtype)) - mean.view(1, -1, 1, 1)
-    constant = _constant((1, 1, 1, 1, 1), 0.5, y.device, dtype)
-    grad_y = torch.cat([centered.view(n, groups, per_group, height, width),
-                        constant.expand(n, groups, extra, height, width)], 2)
-    grad_y = grad_y.view(n, channels + groups * extra, height, width)
-    weight = _zero_weight((grad_y.shape[1], *geometry.weight_shape[1:]), y.device, dtype)
-    grad_w = _conv_weight_grad(x if x.dtype == dtype else x.to(dtype), grad_y, weight,
-                               geometry, geometry.stride, geometry.padding)
-    grad_w = grad_w.view(groups, per_group + extra, -1)[:, :per_group + 1]
-    return grad_w.mul_(2.0 / (n * height * width))
-
-
 def record_statistics(x: Tensor | None, y: Tensor, mean: Tensor, var: Tensor,
                       weight: Tensor | None, geometry: ConvGeometry | None, *,
-                      grad_stride: int = 1, draw: tuple[int, int] = (0, 0)) -> SlotRecord:
+                      grad_stride: int = 1, draw: tuple[int, int] = (0, 0),
+                      out: SlotRecord | None = None) -> SlotRecord:
     """The record of the current iteration: what compensating it later needs (no gradient).
 
     Args:
@@ -245,29 +205,31 @@ def record_statistics(x: Tensor | None, y: Tensor, mean: Tensor, var: Tensor,
             at least ``4 s^2`` images (RoI heads) every ``s^2``-th image from ``draw[0]``,
             else every ``s``-th position in each direction from ``draw``.
         draw: the random offsets in ``[0, s)``, ``[0, s^2)`` for images.
+        out: tensors of the record's shapes the record is written to (a history slot), or
+            None.
     """
+    if out is not None:
+        mean = out.mean.copy_(mean)
     if geometry is None:
-        return SlotRecord(mean, var, None)
-    groups, depth = geometry.groups, geometry.depth
+        return SlotRecord(mean, var if out is None else out.var_intercept.copy_(var), None,
+                          None)
+    xbar = mean_input_patch(x, geometry, y.shape[2:], out=None if out is None else out.xbar)
     step = grad_stride ** 2
-    if grad_stride == 1:
-        moments = patch_moments(x, y, mean, geometry)
+    grad_out = None if out is None else out.grad_var
+    if grad_stride > 1 and y.shape[0] >= 4 * step:
+        # every s^2-th image (RoI): a stride-1 conv; inverse inclusion probability s^2
+        first = draw[0] % step
+        grad_var = grad_var_wrt_weight(x[first::step], y[first::step], mean, geometry,
+                                       weight=weight, out=grad_out)
+        grad_var.mul_(y[first::step].shape[0] * step / y.shape[0])
     else:
-        if y.shape[0] >= 4 * step:
-            # every s^2-th image (RoI): a stride-1 conv; inverse inclusion probability s^2
-            first = draw[0] % step
-            grad_var = grad_var_wrt_weight(x[first::step], y[first::step], mean, geometry,
-                                           weight=weight)
-            grad_var.mul_(y[first::step].shape[0] * step / y.shape[0])
-        else:
-            grad_var = grad_var_wrt_weight(x, y, mean, geometry, stride=grad_stride,
-                                           offset=(draw[0] % grad_stride,
-                                                   draw[1] % grad_stride), weight=weight)
-        xbar = mean_input_patch(x, geometry, y.shape[2:])
-        moments = torch.cat([grad_var.view(groups, -1, depth), xbar.unsqueeze(1)], 1)
-    flat_weight = weight.reshape(moments.shape[0], -1, depth).to(moments.dtype)
-    var_intercept = var - torch.linalg.vecdot(moments[:, :-1], flat_weight).view(-1)
-    return SlotRecord(mean, var_intercept, moments)
+        grad_var = grad_var_wrt_weight(x, y, mean, geometry, stride=grad_stride,
+                                       offset=(draw[0] % grad_stride, draw[1] % grad_stride),
+                                       weight=weight, out=grad_out)
+    flat_weight = weight.reshape(weight.shape[0], -1).to(grad_var.dtype)
+    var_intercept = torch.sub(var, torch.linalg.vecdot(grad_var, flat_weight),
+                              out=None if out is None else out.var_intercept)
+    return SlotRecord(mean, var_intercept, xbar, grad_var)
 
 
 def compensate(weight: Tensor | None, bias: Tensor | None, *, mean: Tensor,

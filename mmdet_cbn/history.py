@@ -10,7 +10,7 @@ from .functional import PastRecords, SlotRecord
 
 __all__ = ['History']
 
-FIELDS = ('mean', 'var_intercept', 'valid', 'patch_moments')
+FIELDS = ('mean', 'var_intercept', 'valid', 'xbar', 'grad_var')
 
 
 class History:
@@ -19,8 +19,9 @@ class History:
 
     All ``S + 1`` slots live in one ``(S + 1, R)`` tensor; the fields are named views of it
     (``mean`` ``(S + 1, C)``, ``var_intercept`` ``(S + 1, C)``, ``valid`` ``(S + 1,)``,
-    ``patch_moments`` ``(S + 1, g, C/g + 1, D)``, ``D = 0`` without compensation). Empty,
-    discarded (non-finite) and free slots have ``valid = 0`` and weigh 0 in the window.
+    ``xbar`` ``(S + 1, g, D)``, ``grad_var`` ``(S + 1, C, D)``; ``D = 0`` without
+    compensation). Empty, discarded (non-finite) and free slots have ``valid = 0`` and weigh 0
+    in the window.
 
     The record of the running iteration waits in the free slot until the next iteration starts
     (:meth:`commit`): until then the window is the same for every forward of this iteration,
@@ -40,7 +41,7 @@ class History:
     @property
     def record_size(self) -> int:
         channels, groups, depth = self.shape
-        return 2 * channels + 1 + (channels + groups) * depth
+        return 2 * channels + 1 + groups * depth + channels * depth
 
     @property
     def slots(self) -> int:
@@ -50,8 +51,8 @@ class History:
     def _make_views(self) -> None:
         channels, groups, depth = self.shape
         physical = self.records.shape[0]
-        sizes = (channels, channels, 1, (channels + groups) * depth)
-        shapes = ((channels,), (channels,), (), (groups, channels // groups + 1, depth))
+        sizes = (channels, channels, 1, groups * depth, channels * depth)
+        shapes = ((channels,), (channels,), (), (groups, depth), (channels, depth))
         for name, part, shape in zip(FIELDS, self.records.split(sizes, dim=1), shapes):
             setattr(self, name, part.view(physical, *shape))
 
@@ -64,24 +65,19 @@ class History:
 
     def past(self, compensated: bool) -> PastRecords:
         """The slots as the window normalization reads them (the free one weighs 0)."""
-        if not compensated:
-            return PastRecords(self.mean, self.var_intercept, self.slot_weight, self.window,
-                               None, None)
-        moments = self.patch_moments
-        channels, _, depth = self.shape
-        grad_var = moments[:, :, :-1].reshape(moments.shape[0], channels, depth)
         return PastRecords(self.mean, self.var_intercept, self.slot_weight, self.window,
-                           moments[:, :, -1], grad_var)
+                           self.xbar if compensated else None,
+                           self.grad_var if compensated else None)
 
-    def write(self, record: SlotRecord) -> Tensor:
-        """Write the running iteration's record into the free slot; returns the slot's row
-        (``valid`` is left for the caller, who checks the row)."""
-        self.mean[self.free].copy_(record.mean)
-        self.var_intercept[self.free].copy_(record.var_intercept)
-        if record.patch_moments is not None:
-            self.patch_moments[self.free].copy_(record.patch_moments)
+    def free_slot(self) -> SlotRecord:
+        """The free slot's fields, where the running iteration writes its record (its
+        ``valid`` is left to the caller, who checks the record)."""
         self.written = True
-        return self.records[self.free]
+        free = self.free
+        compensated = self.shape[2] > 0
+        return SlotRecord(self.mean[free], self.var_intercept[free],
+                          self.xbar[free] if compensated else None,
+                          self.grad_var[free] if compensated else None)
 
     @torch.no_grad()
     def commit(self) -> None:
@@ -128,9 +124,9 @@ class History:
     @classmethod
     def from_state(cls, state: dict[str, Tensor], device: torch.device) -> 'History':
         """The inverse of :meth:`state`."""
-        mean, moments = state['mean'], state['patch_moments']
-        history = cls(mean.shape[0] - 1, mean.shape[1], moments.shape[1], moments.shape[3],
-                      device, mean.dtype)
+        mean, xbar = state['mean'], state['xbar']
+        history = cls(mean.shape[0] - 1, mean.shape[1], xbar.shape[1], xbar.shape[2], device,
+                      mean.dtype)
         for name in FIELDS:
             getattr(history, name).copy_(state[name])
         history.free, history.filled, written = (int(v) for v in state['cursor'])

@@ -58,7 +58,7 @@ def test_profile_quick(tmp_path: Path) -> None:
     for shape in result['shapes'].values():
         phases = shape['cbn']['phases_ms']
         assert {'conv_forward', 'norm_forward', 'backward'} <= set(phases)
-        assert any(path.endswith('record_statistics/patch_moments') for path in phases)
+        assert any(path.endswith('record_statistics/grad_var_wrt_weight') for path in phases)
         assert shape['bn']['step_ms'] > 0
 
 

@@ -304,7 +304,7 @@ def test_state_dict_round_trip_keeps_history_and_continues_exactly():
         sgd_step(model, model(torch.randn(2, 4, 6, 6, dtype=torch.float64)), optimizer)
     model[1].nonfinite_batches += 2
     state = copy.deepcopy(model.state_dict())
-    fields = ('mean', 'var_intercept', 'valid', 'patch_moments', 'cursor')
+    fields = ('mean', 'var_intercept', 'valid', 'xbar', 'grad_var', 'cursor')
     assert sorted(state) == sorted(
         ['0.weight', '0.bias', '1.weight', '1.bias', '1.running_mean', '1.running_var',
          '1.num_batches_tracked', '1.cbn_steps', '1.cbn_nonfinite_batches', '1.cbn_sampler'] +
@@ -324,9 +324,10 @@ def test_state_dict_round_trip_keeps_history_and_continues_exactly():
     plain.load_state_dict(nn.Sequential(nn.Conv2d(4, 6, 3, padding=1), nn.BatchNorm2d(6))
                           .double().state_dict(), strict=False)
     assert plain[1].histories == []
-    # a history in the layout of 0.1.0 before 2026-12 (xbar, grad_var, pending) is dropped
-    old = {k: v for k, v in state.items() if 'patch_moments' not in k}
-    old['1.cbn_history.0.grad_var'] = torch.zeros(3, 6, 36, dtype=torch.float64)
+    # a history in the layout of 0.1.0 before 2026-12 (S slots, a pending record) is dropped
+    old = dict(state)
+    old['1.cbn_history.0.cursor'] = torch.tensor([1, 3])
+    old['1.cbn_history.0.pending'] = torch.zeros(100, dtype=torch.float64)
     with pytest.warns(UserWarning, match='another layout; it is dropped'):
         plain.load_state_dict(old)
     assert plain[1].histories == [None] and plain[1].steps == 5

@@ -46,7 +46,7 @@ def test_two_process_training_keeps_history_per_rank(digits_coco, tmp_path):
         free, filled, written = r0['cursor'].tolist()
         assert filled == 0 and written == 1 and r1['cursor'].tolist() == [free, 0, 1]
         # each rank normalized its own shard: its own history and running statistics
-        assert not torch.allclose(r0['patch_moments'][free], r1['patch_moments'][free])
+        assert not torch.allclose(r0['grad_var'][free], r1['grad_var'][free])
         assert not torch.allclose(r0['running_mean'], r1['running_mean'])
 
     # the rank-0 checkpoint loads into a single-process model of the same config
@@ -54,7 +54,7 @@ def test_two_process_training_keeps_history_per_rank(digits_coco, tmp_path):
         load_checkpoint(model, str(tmp_path / 'work' / 'epoch_1.pth'), strict=True)
     for name, layer in cbn_layers(model):
         restored = layer.histories[0].state()
-        for field in ('mean', 'var_intercept', 'valid', 'patch_moments', 'cursor'):
+        for field in ('mean', 'var_intercept', 'valid', 'xbar', 'grad_var', 'cursor'):
             torch.testing.assert_close(restored[field], ranks[0][name][field])
         torch.testing.assert_close(layer.running_mean, ranks[0][name]['running_mean'])
 
@@ -83,8 +83,8 @@ def test_every_rank_resumes_its_own_cbn_state(tmp_path: Path) -> None:
     checkpoint = torch.load(tmp_path / 'cut' / 'epoch_2.pth', weights_only=False)
     ranks = checkpoint['cbn_rank_states']
     assert len(ranks) == 2
-    assert not torch.equal(ranks[0]['norm2']['cbn_history.0.patch_moments'],
-                           ranks[1]['norm2']['cbn_history.0.patch_moments'])
+    assert not torch.equal(ranks[0]['norm2']['cbn_history.0.grad_var'],
+                           ranks[1]['norm2']['cbn_history.0.grad_var'])
     # one process resuming the 2-rank checkpoint: the CBN windows start empty, and it says so
     runner, _ = make_runner(tmp_path / 'single', max_epochs=3)
     with runner_checkpoint_globals():

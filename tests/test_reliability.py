@@ -81,7 +81,7 @@ def test_resume_continues_exactly(tmp_path):
     assert sorted(resumed.losses) == list(range(8, 16))
     assert [resumed.losses[i] for i in range(8, 16)] == [full.losses[i] for i in range(8, 16)]
     state = torch.load(tmp_path / 'cut' / 'epoch_2.pth', weights_only=False)['state_dict']
-    for field in ('patch_moments', 'mean', 'cursor'):  # saved with the running record
+    for field in ('grad_var', 'xbar', 'mean', 'cursor'):  # saved with the running record
         torch.testing.assert_close(state[f'norm2.cbn_history.0.{field}'], before['norm2'][field])
     assert state['norm2.cbn_history.0.cursor'][2] == 1  # the last iteration's record, written
     assert state['norm2.cbn_steps'].item() == 8
@@ -115,7 +115,7 @@ def test_autocast_output_dtype_follows_the_input():
             out = model(torch.randn(2, 3, 6, 6))
             out.float().sum().backward()
     assert out.dtype == torch.bfloat16
-    assert model[1].histories[0].patch_moments.dtype == torch.float32
+    assert model[1].histories[0].xbar.dtype == torch.float32
 
 
 def paired(window=3, bias=False, seed=0, padding=1, **kw):
