@@ -43,6 +43,7 @@ from typing import Any
 
 import torch
 from common import add_common_arguments, interleaved, ratio, run_record, setup_torch, write_json
+from layer_speed import weight_grad_conv
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -80,9 +81,7 @@ class OpCounter(TorchDispatchMode):
 def _weight_gradient_of_output(conv: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
     """Forward hook of the ``floor`` variant: the conv's weight gradient for its own output."""
     with torch.no_grad():
-        torch.ops.aten.convolution_backward(
-            output, inputs[0], conv.weight, None, list(conv.stride), list(conv.padding),
-            list(conv.dilation), False, [0, 0], conv.groups, [False, True, False])
+        weight_grad_conv(conv, inputs[0], output)
 
 
 def build_models(device: torch.device, seed: int) -> dict[str, nn.Module]:

@@ -77,6 +77,7 @@ def layer_state(channels: int, window: int, device: torch.device) -> dict[str, A
     weight = tensor_bytes([conv.weight])
     slots = window - 1
     total = records_bytes(layer)
+    running = running_record_bytes(layer)
     assert total == sum(per_field.values())  # the fields are views of the records
     authors_total = sum(tensor_bytes(record) for record in authors.past)
     return {
@@ -87,9 +88,9 @@ def layer_state(channels: int, window: int, device: torch.device) -> dict[str, A
         'conv_weight_bytes': weight,
         'history_bytes': total,
         'history_bytes_by_field': per_field,
-        'running_record_bytes': running_record_bytes(layer),
-        'history_per_slot_over_weight': (total - running_record_bytes(layer)) / slots / weight,
-        'beyond_one_weight_per_slot_bytes': total - running_record_bytes(layer) - slots * weight,
+        'running_record_bytes': running,
+        'history_per_slot_over_weight': (total - running) / slots / weight,
+        'beyond_one_weight_per_slot_bytes': total - running - slots * weight,
         'authors_approach_bytes': authors_total,
         'authors_per_slot_over_weight': authors_total / slots / weight,
     }

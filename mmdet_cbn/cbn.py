@@ -453,7 +453,7 @@ class CrossIterationBatchNorm2d(_BatchNorm):
         device = self.nonfinite_batches.device
         self.histories = [None] * (max(stored) + 1 if stored else 0)
         for site, fields in stored.items():
-            if 'pending' in fields or fields.get('cursor', torch.zeros(3)).numel() == 2:
+            if 'pending' in fields or ('cursor' in fields and fields['cursor'].numel() == 2):
                 warnings.warn(f'{prefix}: the CBN history of call site {site} was saved by an '
                               'earlier mmdet-cbn in another layout; it is dropped and the '
                               'window refills in window_size - 1 iterations')

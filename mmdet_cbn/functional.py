@@ -309,7 +309,8 @@ class _WindowNormalize(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, y, gamma, beta, weight, bias, past, eps, on_backward):
-        y_stats = y if y.dtype in (torch.float32, torch.float64) else y.float()
+        dtype = stat_dtype(y)
+        y_stats = y if y.dtype == dtype else y.to(dtype)
         mean, var = _batch_moments(y_stats)
         if past is None:  # k = 1: the batch is the window
             k, mu_bar, var_bar = None, mean, var

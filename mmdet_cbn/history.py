@@ -20,8 +20,8 @@ class History:
     All ``S + 1`` slots live in one ``(S + 1, R)`` tensor; the fields are named views of it
     (``mean`` ``(S + 1, C)``, ``var_intercept`` ``(S + 1, C)``, ``valid`` ``(S + 1,)``,
     ``xbar`` ``(S + 1, g, D)``, ``grad_var`` ``(S + 1, C, D)``; ``D = 0`` without
-    compensation). Empty, discarded (non-finite) and free slots have ``valid = 0`` and weigh 0
-    in the window.
+    compensation). Empty and discarded (non-finite) slots have ``valid = 0``; they and the
+    free slot weigh 0 in the window.
 
     The record of the running iteration waits in the free slot until the next iteration starts
     (:meth:`commit`): until then the window is the same for every forward of this iteration,
@@ -60,7 +60,7 @@ class History:
         """The slots' weights in the window: their validity, the free slot's 0 (a copy: the
         running iteration writes its own validity into the free slot)."""
         self.slot_weight = self.valid.clone()
-        self.slot_weight[self.free] = 0
+        self.slot_weight[self.free].zero_()  # not `= 0`: a copy from the host
         self.window = 1 + self.slot_weight.sum()
 
     def past(self, compensated: bool) -> PastRecords:
@@ -87,9 +87,7 @@ class History:
         self.written = False
         self.free = (self.free + 1) % self.records.shape[0]
         self.filled = min(self.filled + 1, self.slots)
-        self.valid[self.free].zero_()
-        self.slot_weight = self.valid.clone()
-        self.window = 1 + self.slot_weight.sum()
+        self._weigh()
 
     def resized(self, slots: int) -> 'History':
         """A history with ``slots`` slots holding the newest records of this one (and the
