@@ -226,10 +226,12 @@ class CrossIterationBatchNorm2d(_BatchNorm):
         if not self.training:
             self._calls.conv_io = None  # holds no activation past its use
             return super().forward(input)
+        if torch.compiler.is_compiling():  # a graph break: the state lives in Python
+            return self._training_forward_eager(input)
         return self._training_forward(input)
 
     def _training_forward(self, input: Tensor) -> Tensor:
-        """The training forward; ``torch.compile`` leaves it eager (state lives in Python)."""
+        """The training forward; ``torch.compile`` runs it eager (:meth:`forward`)."""
         calls = self._calls
         conv_io, calls.conv_io = calls.conv_io, None
         if conv_io is not None and conv_io[1] is not input:
@@ -305,7 +307,8 @@ class CrossIterationBatchNorm2d(_BatchNorm):
         taylor = self.compensation == 'taylor'
         shape = (self.num_features, self._geometry.groups if taylor else 1,
                  self._geometry.depth if taylor else 0)
-        self.histories += [None] * (site + 1 - len(self.histories))
+        if len(self.histories) <= site:  # extend, not +=: Module.__setattr__ costs per call
+            self.histories.extend([None] * (site + 1 - len(self.histories)))
         history = self.histories[site]
         if history is None or history.shape != shape:
             history = History(window - 1, *shape, input.device, stat_dtype(input))
@@ -467,11 +470,12 @@ class CrossIterationBatchNorm2d(_BatchNorm):
 
 
 def _keep_training_forward_eager() -> None:
-    """``torch.compiler.disable`` the training forward, once, when the first layer is built:
-    done at import it would import ``torch._dynamo``, which changes torch's safe globals."""
+    """The training forward ``torch.compiler.disable``-d, once, when the first layer is built:
+    done at import it would import ``torch._dynamo``, which changes torch's safe globals. Only
+    a compiled forward calls it: the wrapper costs every eager call several microseconds."""
     cls = CrossIterationBatchNorm2d
-    if not getattr(cls._training_forward, '_torchdynamo_disable', False):
-        cls._training_forward = torch.compiler.disable(cls._training_forward)
+    if not hasattr(cls, '_training_forward_eager'):
+        cls._training_forward_eager = torch.compiler.disable(cls._training_forward)
 
 
 def _autocast_on(t: Tensor) -> bool:

@@ -86,7 +86,7 @@ def _conv_weight_grad(x: Tensor, grad_y: Tensor, weight: Tensor, geometry: ConvG
                       stride: tuple[int, int], padding: tuple[int, int]) -> Tensor:
     """The weight gradient of ``conv2d`` for output gradient ``grad_y`` (one backward conv;
     ``weight`` gives the shape only)."""
-    _, grad_w, _ = torch.ops.aten.convolution_backward(
+    _, grad_w, _ = torch.ops.aten.convolution_backward.default(
         grad_y, x, weight, None, list(stride), list(padding), list(geometry.dilation), False,
         [0, 0], geometry.groups, [False, True, False])
     return grad_w
@@ -350,14 +350,14 @@ class _WindowNormalize(torch.autograd.Function):
             gamma = gamma.to(inv_std.dtype)
         k = ctx.k
         if k is None:  # BatchNorm's backward
-            grad_y, grad_gamma, g_sum = torch.ops.aten.native_batch_norm_backward(
+            grad_y, grad_gamma, g_sum = torch.ops.aten.native_batch_norm_backward.default(
                 grad_out, y, gamma, None, None, mu_bar, inv_std, True, ctx.eps,
                 [True, True, True])
             return _input_grads(ctx, grad_y, grad_gamma, g_sum)
         root_k = k.sqrt()
         # BN's training backward with batch mean m, inverse std s and weight w returns
         # (g - sum(g)/M - (y - m) s^2 sum(g (y - m))/M) s w,  sum(g (y - m)) s,  sum(g).
-        grad_y, grad_w, g_sum = torch.ops.aten.native_batch_norm_backward(
+        grad_y, grad_w, g_sum = torch.ops.aten.native_batch_norm_backward.default(
             grad_out, y, gamma * root_k, None, None, mu_bar, inv_std / root_k, True, ctx.eps,
             [True, True, True])
         gamma_inv_std = gamma * inv_std

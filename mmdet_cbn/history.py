@@ -79,7 +79,6 @@ class History:
                           self.xbar[free] if compensated else None,
                           self.grad_var[free] if compensated else None)
 
-    @torch.no_grad()
     def commit(self) -> None:
         """The running iteration's record joins the window, the oldest leaves (no host sync)."""
         if not self.written:
