@@ -11,9 +11,12 @@ as in the issue's measurement; one thread (``--threads``, default 1).
 
 Variants: ``bn`` (conv + ``nn.BatchNorm2d``), ``cbn_w4_exact`` (conv + CBN window 4, exact
 gradient: the default), ``cbn_w4_detached`` (window 4, ``detach_compensation=True``, the
-authors' gradient) and, for information, ``cbn_w1`` (CBN window 1) and ``floor`` (conv + BN
+authors' gradient) and, for information, ``cbn_w1`` (CBN window 1), ``floor`` (conv + BN
 and the one weight-gradient conv a windowed CBN step cannot do without, of the conv's output
-in its forward: what is left of 2.0x for the rest of CBN). Every variant is warmed up
+in its forward: what is left of 2.0x for the rest of CBN) and ``floor_trivial`` (the floor
+plus ``--trivial-ops`` additions of a constant to a ``(C,)`` tensor without autograd, the
+cheapest op there is: what an op costs inside the loop, so how many of them fit in 2.0x).
+Every variant is warmed up
 (``--warmup`` steps, at least twice the window) so the window is full and the history
 committed.
 
@@ -27,7 +30,11 @@ Reported per variant:
   decomposed; the autograd engine's ops, e.g. the ``ones_like`` seeding the backward, count):
   all ops, and non-view ops (those whose schema returns no alias: not ``view``, ``t``,
   ``split``, ``detach``, ``expand``...), split into forward (with the loss) and backward, and
-  per op name.
+  per op name;
+- the cost of one trivial op inside the loop, ``(floor_trivial - floor) / --trivial-ops``, and
+  how many such ops fit between the floor and 2.0x conv + BN (``budget``): a windowed step
+  needs more ops than that, none of them cheaper, so no eager implementation meets the target
+  on a machine where this number is below the ops CBN adds to the floor.
 
 Usage: ``python benchmarks/host_overhead.py --clock cpu --out host_overhead.json`` (CPU time
 of the one thread: the time spent descheduled on a shared machine is left out);
@@ -58,6 +65,7 @@ VARIANTS = {
     'cbn_w4_detached': 'conv + CBN w4 detached',
     'cbn_w1': 'conv + CBN w1',
     'floor': 'conv + BN + one weight-gradient conv',
+    'floor_trivial': 'floor + trivial ops',
 }
 TARGETED = ('cbn_w4_exact', 'cbn_w4_detached')
 
@@ -84,7 +92,22 @@ def _weight_gradient_of_output(conv: nn.Module, inputs: tuple, output: torch.Ten
         weight_grad_conv(conv, inputs[0], output)
 
 
-def build_models(device: torch.device, seed: int) -> dict[str, nn.Module]:
+class _TrivialOps:
+    """Forward hook of the ``floor_trivial`` variant: the floor's weight-gradient conv, then
+    ``count`` additions of a constant to a ``(C,)`` tensor, without autograd."""
+
+    def __init__(self, count: int) -> None:
+        self.count = count
+
+    def __call__(self, conv: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
+        _weight_gradient_of_output(conv, inputs, output)
+        with torch.no_grad():
+            total = output.new_zeros(output.shape[1])
+            for _ in range(self.count):
+                total = total + 1.0
+
+
+def build_models(device: torch.device, seed: int, trivial_ops: int) -> dict[str, nn.Module]:
     """conv + norm of every variant, all from the same conv weights."""
     torch.manual_seed(seed)
     channels = SHAPE[1]
@@ -96,6 +119,7 @@ def build_models(device: torch.device, seed: int) -> dict[str, nn.Module]:
                                                      detach_compensation=True),
         'cbn_w1': CrossIterationBatchNorm2d(channels, window_size=1),
         'floor': nn.BatchNorm2d(channels),
+        'floor_trivial': nn.BatchNorm2d(channels),
     }
     models = {}
     for name, norm in norms.items():
@@ -103,6 +127,7 @@ def build_models(device: torch.device, seed: int) -> dict[str, nn.Module]:
         pair_cbn_layers(model)
         models[name] = model
     models['floor'][0].register_forward_hook(_weight_gradient_of_output)
+    models['floor_trivial'][0].register_forward_hook(_TrivialOps(trivial_ops))
     return models
 
 
@@ -149,7 +174,7 @@ def run(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
     torch.manual_seed(args.seed)
     x = torch.randn(SHAPE, device=device).requires_grad_()
     fixed = torch.randn(SHAPE, device=device)
-    models = build_models(device, args.seed)
+    models = build_models(device, args.seed, args.trivial_ops)
     steps, ops = {}, {}
     for name, model in models.items():
         forward, backward = make_step(model, x, fixed)
@@ -184,11 +209,20 @@ def run(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
         value = variants[name]['ratio_to_bn']
         targets[f'{name} / bn'] = {'value': value, 'target_max': TARGET, 'met': value <= TARGET,
                                    'over_floor_bn': ratio(timings, name, 'floor')}
+    floor_s = timings['floor']['median_s']
+    trivial_op_s = (timings['floor_trivial']['median_s'] - floor_s) / args.trivial_ops
+    room_s = TARGET * timings['bn']['median_s'] - floor_s
+    added = {name: variants[name]['ops']['non_view'] - variants['floor']['ops']['non_view']
+             for name in TARGETED}
+    budget = {'trivial_ops_timed': args.trivial_ops, 'trivial_op_us': trivial_op_s * 1e6,
+              'room_to_target_us': room_s * 1e6,
+              'trivial_ops_within_target': room_s / trivial_op_s if trivial_op_s > 0 else None,
+              'non_view_ops_added_to_floor': added}
     return {'shape': list(SHAPE), 'conv': 'Conv2d(16, 16, 3, padding=1, bias=False)',
             'step': 'forward + (out * fixed).sum() + backward; no optimizer step; '
                     'input requires grad',
             'steps_per_sample': args.steps, 'repeats': args.repeats, 'warmup_steps': args.warmup,
-            'variants': variants, 'targets': targets}
+            'variants': variants, 'targets': targets, 'budget': budget}
 
 
 def print_table(results: dict[str, Any], top: int) -> None:
@@ -210,7 +244,13 @@ def print_table(results: dict[str, Any], top: int) -> None:
         print(f"\n{name}: {t['value']:.2f} (target <= {t['target_max']:.1f}: "
               f"{'met' if t['met'] else 'NOT met'}; {t['over_floor_bn']:.2f} x the floor)",
               end='')
-    print()
+    b = results['budget']
+    fit = b['trivial_ops_within_target']
+    print(f"\n\none trivial op in the loop: {b['trivial_op_us']:.1f} us (from "
+          f"{b['trivial_ops_timed']}); room from the floor to {TARGET:.1f}x conv + BN: "
+          f"{b['room_to_target_us']:.0f} us = {'n/a' if fit is None else f'{fit:.0f}'} trivial "
+          f"ops; non-view ops CBN adds to the floor: "
+          f"{', '.join(f'{n} {c}' for n, c in b['non_view_ops_added_to_floor'].items())}")
     for name, v in results['variants'].items():
         if v['cbn'] is None:
             continue
@@ -228,6 +268,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument('--warmup', type=int, default=3 * WINDOW,
                         help='untimed steps per variant first (>= 2 x window)')
     parser.add_argument('--top', type=int, default=12, help='ops listed per CBN variant')
+    parser.add_argument('--trivial-ops', type=int, default=50,
+                        help="additions the 'floor_trivial' variant adds to the floor")
     parser.add_argument('--quick', action='store_true', help='smoke run: 3 x 5 steps')
     args = parser.parse_args(argv)
     if args.quick:

@@ -65,8 +65,21 @@ def test_profile_quick(tmp_path: Path) -> None:
 def test_host_overhead_quick(tmp_path: Path) -> None:
     result = run_script('host_overhead', tmp_path, '--clock', 'cpu')
     variants = result['variants']
-    assert list(variants) == ['bn', 'cbn_w4_exact', 'cbn_w4_detached', 'cbn_w1', 'floor']
+    assert list(variants) == ['bn', 'cbn_w4_exact', 'cbn_w4_detached', 'cbn_w1', 'floor',
+                              'floor_trivial']
     assert variants['floor']['ops']['by_op']['aten.convolution_backward.default'] == 2
+    # the floor plus exactly --trivial-ops additions (and the zeros they start from)
+    trivial = variants['floor_trivial']['ops']['non_view_by_op']
+    assert trivial['aten.add.Tensor'] == variants['floor']['ops']['non_view_by_op'].get(
+        'aten.add.Tensor', 0) + result['budget']['trivial_ops_timed']
+    assert (variants['floor_trivial']['ops']['non_view']
+            == variants['floor']['ops']['non_view'] + result['budget']['trivial_ops_timed'] + 1)
+    budget = result['budget']
+    assert budget['non_view_ops_added_to_floor'] == {
+        name: variants[name]['ops']['non_view'] - variants['floor']['ops']['non_view']
+        for name in ('cbn_w4_exact', 'cbn_w4_detached')}
+    assert budget['room_to_target_us'] == pytest.approx(
+        2.0 * variants['bn']['median_us'] - variants['floor']['median_us'])
     assert set(result['targets']) == {'cbn_w4_exact / bn', 'cbn_w4_detached / bn'}
     assert all(isinstance(t['met'], bool) and t['target_max'] == 2.0 and t['over_floor_bn'] > 0
                for t in result['targets'].values())
