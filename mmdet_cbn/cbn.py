@@ -349,7 +349,6 @@ class CrossIterationBatchNorm2d(_BatchNorm):
         host sync). A finite window means a finite batch and record: ``y = conv(x; W)`` is
         non-finite wherever an input or weight it reads is."""
         bad = nonfinite(window)
-        keep = bad.logical_not()
         self.nonfinite_batches.add_(bad)
         if history is not None:
             taylor = self.compensation == 'taylor'
@@ -357,9 +356,7 @@ class CrossIterationBatchNorm2d(_BatchNorm):
                 conv_io[0] if taylor else None, y, mean, var,
                 self._conv.weight if taylor else None, self._geometry if taylor else None,
                 grad_stride=self.grad_nu_stride, draw=self._draw(), out=history.free_slot())
-            # a bad record is all zeros and stays out of the window
-            history.records[history.free].masked_fill_(bad, 0)
-            history.valid[history.free].copy_(keep)
+            history.settle(bad)
         if not self.track_running_stats:
             return
         self.num_batches_tracked.add_(1)
@@ -369,7 +366,7 @@ class CrossIterationBatchNorm2d(_BatchNorm):
         examples = count * (1 + (history.filled if history is not None else 0))
         update_running_stats(self.running_mean, self.running_var,
                              window.masked_fill_(bad, 0), examples=examples, factor=factor,
-                             keep=keep)
+                             keep=bad.logical_not())
 
     def _draw(self) -> tuple[int, int]:
         """Offsets for the sampled ``d var / d W`` from the layer's own generator."""

@@ -70,14 +70,20 @@ class History:
                            self.grad_var if compensated else None)
 
     def free_slot(self) -> SlotRecord:
-        """The free slot's fields, where the running iteration writes its record (its
-        ``valid`` is left to the caller, who checks the record)."""
+        """The free slot's fields, where the running iteration writes its record (then
+        :meth:`settle` it)."""
         self.written = True
         free = self.free
         compensated = self.shape[2] > 0
         return SlotRecord(self.mean[free], self.var_intercept[free],
                           self.xbar[free] if compensated else None,
                           self.grad_var[free] if compensated else None)
+
+    def settle(self, bad: Tensor) -> None:
+        """Mark the running iteration's record valid, or, where ``bad`` (0-d bool), all zeros
+        and invalid, so that it stays out of the window (no host sync)."""
+        self.valid[self.free].fill_(1)
+        self.records[self.free].masked_fill_(bad, 0)
 
     def commit(self) -> None:
         """The running iteration's record joins the window, the oldest leaves (no host sync)."""
