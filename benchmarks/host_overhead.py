@@ -63,6 +63,8 @@ VARIANTS = {
     'bn': 'conv + BN',
     'cbn_w4_exact': 'conv + CBN w4 exact',
     'cbn_w4_detached': 'conv + CBN w4 detached',
+    'cbn_w4_exact_fused': 'conv + CBN w4 exact, fused step',
+    'cbn_w4_detached_fused': 'conv + CBN w4 detached, fused step',
     'cbn_w1': 'conv + CBN w1',
     'floor': 'conv + BN + one weight-gradient conv',
     'floor_trivial': 'floor + trivial ops',
@@ -107,20 +109,28 @@ class _TrivialOps:
                 total = total + 1.0
 
 
-def build_models(device: torch.device, seed: int, trivial_ops: int) -> dict[str, nn.Module]:
-    """conv + norm of every variant, all from the same conv weights."""
+def build_models(device: torch.device, seed: int, trivial_ops: int,
+                 fused: bool = False) -> dict[str, nn.Module]:
+    """conv + norm of every variant, all from the same conv weights (the fused ones only if
+    ``fused``: they compile first)."""
     torch.manual_seed(seed)
     channels = SHAPE[1]
     conv = nn.Conv2d(channels, channels, 3, padding=1, bias=False)
     norms = {
         'bn': nn.BatchNorm2d(channels),
-        'cbn_w4_exact': CrossIterationBatchNorm2d(channels, window_size=WINDOW),
+        'cbn_w4_exact': CrossIterationBatchNorm2d(channels, window_size=WINDOW, fused=False),
         'cbn_w4_detached': CrossIterationBatchNorm2d(channels, window_size=WINDOW,
-                                                     detach_compensation=True),
-        'cbn_w1': CrossIterationBatchNorm2d(channels, window_size=1),
+                                                     detach_compensation=True, fused=False),
+        'cbn_w4_exact_fused': CrossIterationBatchNorm2d(channels, window_size=WINDOW,
+                                                        fused=True),
+        'cbn_w4_detached_fused': CrossIterationBatchNorm2d(
+            channels, window_size=WINDOW, detach_compensation=True, fused=True),
+        'cbn_w1': CrossIterationBatchNorm2d(channels, window_size=1, fused=False),
         'floor': nn.BatchNorm2d(channels),
         'floor_trivial': nn.BatchNorm2d(channels),
     }
+    if not fused:
+        del norms['cbn_w4_exact_fused'], norms['cbn_w4_detached_fused']
     models = {}
     for name, norm in norms.items():
         model = nn.Sequential(copy.deepcopy(conv), norm).to(device).train()
@@ -174,7 +184,7 @@ def run(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
     torch.manual_seed(args.seed)
     x = torch.randn(SHAPE, device=device).requires_grad_()
     fixed = torch.randn(SHAPE, device=device)
-    models = build_models(device, args.seed, args.trivial_ops)
+    models = build_models(device, args.seed, args.trivial_ops, args.fused)
     steps, ops = {}, {}
     for name, model in models.items():
         forward, backward = make_step(model, x, fixed)
@@ -185,7 +195,7 @@ def run(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
             backward()
         for _ in range(args.warmup):  # fill the window: the steady state is what is counted
             step()
-        ops[name] = count_ops(forward, backward)
+        ops[name] = None if getattr(model[1], 'fused', None) else count_ops(forward, backward)
         steps[name] = step
     timings = interleaved(steps, args.repeats, device, warmup=1, clock=args.clock,
                           calls=args.steps)
@@ -237,9 +247,11 @@ def print_table(results: dict[str, Any], top: int) -> None:
     print('| --- | ---: | ---: | ---: | ---: | ---: | ---: |')
     for v in results['variants'].values():
         o = v['ops']
+        counts = ('compiled | compiled | compiled' if o is None else
+                  f"{o['all']} | {o['non_view']} | {o['forward']['non_view']} / "
+                  f"{o['backward']['non_view']}")
         print(f"| {v['label']} | {v['median_us']:.0f} | {v['min_us']:.0f} | "
-              f"{v['ratio_to_bn']:.2f} | {o['all']} | {o['non_view']} | "
-              f"{o['forward']['non_view']} / {o['backward']['non_view']} |")
+              f"{v['ratio_to_bn']:.2f} | {counts} |")
     for name, t in results['targets'].items():
         print(f"\n{name}: {t['value']:.2f} (target <= {t['target_max']:.1f}: "
               f"{'met' if t['met'] else 'NOT met'}; {t['over_floor_bn']:.2f} x the floor)",
@@ -252,7 +264,7 @@ def print_table(results: dict[str, Any], top: int) -> None:
           f"ops; non-view ops CBN adds to the floor: "
           f"{', '.join(f'{n} {c}' for n, c in b['non_view_ops_added_to_floor'].items())}")
     for name, v in results['variants'].items():
-        if v['cbn'] is None:
+        if v['cbn'] is None or v['ops'] is None:
             continue
         listed = ', '.join(f'{op.removeprefix("aten.")} {n}'
                            for op, n in list(v['ops']['non_view_by_op'].items())[:top])
@@ -270,6 +282,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument('--top', type=int, default=12, help='ops listed per CBN variant')
     parser.add_argument('--trivial-ops', type=int, default=50,
                         help="additions the 'floor_trivial' variant adds to the floor")
+    parser.add_argument('--fused', action='store_true',
+                        help='also the window-4 variants with the fused (compiled) step')
     parser.add_argument('--quick', action='store_true', help='smoke run: 3 x 5 steps')
     args = parser.parse_args(argv)
     if args.quick:

@@ -120,7 +120,7 @@ class AutogradCBN(nn.Module):
 def weight_grad_conv(conv: nn.Conv2d, x: Tensor, grad_y: Tensor) -> Tensor:
     """One bare weight-gradient convolution: the library's, which the layer's ``G`` runs."""
     geometry = ConvGeometry.of(conv)
-    return _conv_weight_grad(x, grad_y, conv.weight, geometry, geometry.stride,
+    return _conv_weight_grad(x, grad_y, tuple(conv.weight.shape), geometry, geometry.stride,
                              geometry.padding)
 
 

@@ -6,16 +6,16 @@ import inspect
 import itertools
 import re
 import warnings
-from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from .functional import (ConvGeometry, nonfinite, record_statistics, stat_dtype,
-                         update_running_stats, window_normalize)
+from .functional import ConvGeometry, StepOptions, stat_dtype, training_step
+from .fused import fused_step
 from .history import FIELDS, History
+from .iterations import BackwardTap, CallSites, ConvTap, watch_backward
 
 __all__ = ['CrossIterationBatchNorm2d']
 
@@ -23,7 +23,6 @@ COMPENSATIONS = ('taylor', 'none')
 _RENAMED = {'backprop_past_stats': "the exact gradient is now the default; the authors' "
                                    'detached variant is detach_compensation=True'}
 _layer_numbers = itertools.count()  # gives each layer's sampler its own seed
-_MANY_CALL_SITES = 64  # per iteration: more is probably a loop without backward
 
 
 def _unknown_arguments_message(unknown: dict) -> str:
@@ -37,31 +36,6 @@ def _unknown_arguments_message(unknown: dict) -> str:
     return (f"CBN (CrossIterationBatchNorm2d) got unknown argument(s) {', '.join(hints)}; "
             f"valid keys of norm_cfg=dict(type='CBN', ...) are {', '.join(valid)} and "
             'requires_grad')
-
-
-@dataclass
-class _Calls:
-    """Where a layer is within the training iteration (a plain object: cheap to update)."""
-
-    index: int = 0  # the call site of the next call
-    iteration_ended: bool = True  # the next training call starts an iteration
-    explicit: bool = False  # iterations are marked by new_iteration() only
-    shapes: list = field(default_factory=list)  # input shape of each call site this iteration
-    conv_io: tuple | None = None  # the paired conv's last (input, output)
-
-
-class _ConvTap:
-    """Forward hook on the conv paired with a CBN layer: hands it the conv's input and output.
-
-    A callable object rather than a closure so that ``copy.deepcopy`` of a model (EMA, model
-    soups) re-targets the hook to the copied CBN layer.
-    """
-
-    def __init__(self, cbn: 'CrossIterationBatchNorm2d') -> None:
-        self.cbn = cbn
-
-    def __call__(self, conv: nn.Module, inputs: tuple, output: Tensor) -> None:
-        self.cbn._calls.conv_io = (inputs[0], output)
 
 
 class CrossIterationBatchNorm2d(_BatchNorm):
@@ -89,12 +63,21 @@ class CrossIterationBatchNorm2d(_BatchNorm):
     by the FPN levels); its n-th call of an iteration is aggregated with the n-th calls of the
     previous iterations only, each call site with its own history. An iteration starts at the
     first training call after :meth:`new_iteration` (``CBNBurnInHook`` calls it before every
-    training iteration); without that, after a backward pass has run through the layer, or
-    after a call whose output needs no gradient. Every micro-batch of gradient accumulation is
-    an iteration: with unchanged weights the compensation is exact, and the window pools the
-    micro-batches. A gradient-checkpointing recomputation (detected as a forward inside a
-    backward pass) reproduces its first forward and changes no state. ``steps``,
-    ``burnin_iters`` and the window count iterations.
+    training iteration); without that, after a backward pass has reached the parameters of
+    the layer or its conv (gradient hooks), or after a call whose output needs no gradient.
+    Every micro-batch of gradient accumulation is an iteration: with unchanged weights the
+    compensation is exact, and the window pools the micro-batches. A gradient-checkpointing
+    recomputation (detected as a forward inside a backward pass) reproduces its first forward
+    and changes no state. ``steps``, ``burnin_iters`` and the window count iterations.
+
+    **Compiled.** Everything that changes from one step to the next (iteration count, ring
+    cursors, slot weights) is a tensor, so ``torch.compile(model, fullgraph=True)`` traces the
+    layer whole and does not recompile from one iteration to the next (a new window size or
+    call site recompiles once). With ``fused`` (by default on CUDA) the layer runs its own
+    step compiled by inductor: a few fused kernels instead of some seventy operations, shared
+    by every layer of the same kind (:mod:`mmdet_cbn.fused`); the eager step where compiling
+    is impossible. Inside a compiled model the conv check of the first windowed step is
+    skipped (it reads a value): run one step eager first to have it.
 
     **Running statistics** are updated at every call, as BN does, with ``momentum``, from the
     window's mean and variance, the variance unbiased by ``n / (n - 1)`` with ``n`` the examples
@@ -107,21 +90,23 @@ class CrossIterationBatchNorm2d(_BatchNorm):
         eps, momentum, affine, track_running_stats: as in ``torch.nn.BatchNorm2d``.
         window_size: iterations aggregated, the current one included (``k``, paper default 4).
         compensation: ``'taylor'`` (CBN) or ``'none'`` (the paper's Naive CBN).
-        burnin_iters: the first iterations use window 1; ignored while a hook sets the window
-            (:meth:`set_window`).
+        burnin_iters: the first iterations use window 1 (their records stay out of the
+            window); ignored while a hook sets the window (:meth:`set_window`).
         grad_nu_stride: ``s > 1`` estimates ``d var / d W`` from ``1 / s^2`` of the examples,
             drawn by the layer's own generator (unbiased, ``s^2`` times cheaper): every
             ``s^2``-th image or RoI when there are at least ``4 s^2`` of them (RoI heads), else
             every ``s``-th output position in each direction (FPN levels).
         detach_compensation: hold the compensated past statistics constant in the backward
             (the authors' code) instead of the exact gradient. No effect without compensation.
+        fused: the training step compiled into fused kernels (True), eager (False), or
+            automatic (None: fused on CUDA, eager elsewhere). The same results either way.
     """
 
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1,
                  affine: bool = True, track_running_stats: bool = True, window_size: int = 4,
                  compensation: str = 'taylor', burnin_iters: int = 0, grad_nu_stride: int = 1,
-                 detach_compensation: bool = False, device=None, dtype=None,
-                 **unknown) -> None:
+                 detach_compensation: bool = False, fused: bool | None = None, device=None,
+                 dtype=None, **unknown) -> None:
         if unknown:
             raise TypeError(_unknown_arguments_message(unknown))
         super().__init__(num_features, eps, momentum, affine, track_running_stats, device,
@@ -134,37 +119,47 @@ class CrossIterationBatchNorm2d(_BatchNorm):
         if compensation not in COMPENSATIONS:
             raise ValueError(f'CBN compensation must be one of {COMPENSATIONS} '
                              f"('none' = Naive CBN), got {compensation!r}")
+        if fused not in (None, True, False):
+            raise ValueError(f'CBN fused must be None (automatic), True or False, got {fused!r}')
         self.window_size = window_size
         self.compensation = compensation
         self.burnin_iters = burnin_iters
         self.grad_nu_stride = grad_nu_stride
         self.detach_compensation = bool(detach_compensation)
+        self.fused = fused
         self.window_override: int | None = None
-        self.steps = 0
+        self.iterations = torch.zeros((), dtype=torch.long, device=device)
         self.nonfinite_batches = torch.zeros((), dtype=torch.long, device=device)
         self.layer_name = type(self).__name__
         self.histories: list[History | None] = []
-        self._calls = _Calls()
+        self._call_sites = CallSites()
         self._sampler: torch.Generator | None = None
+        self._next_draw = (0, 0)
         if grad_nu_stride > 1:
             self._sampler = torch.Generator().manual_seed(
                 torch.initial_seed() + next(_layer_numbers))
         self._conv: nn.Conv2d | None = None
         self._geometry: ConvGeometry | None = None
         self._conv_verified = False
-        _keep_training_forward_eager()
+        self._backward_watched = False
 
     # ------------------------------------------------------------------ configuration
     def extra_repr(self) -> str:
         return (f'{super().extra_repr()}, window_size={self.window_size}, '
                 f'compensation={self.compensation!r}, burnin_iters={self.burnin_iters}'
                 + (f', grad_nu_stride={self.grad_nu_stride}' if self.grad_nu_stride > 1 else '')
-                + (', detach_compensation=True' if self.detach_compensation else ''))
+                + (', detach_compensation=True' if self.detach_compensation else '')
+                + (f', fused={self.fused}' if self.fused is not None else ''))
 
     def _check_input_dim(self, input: Tensor) -> None:
         if input.dim() != 4:
             raise ValueError(f'{self.layer_name}: expected a 4-d input (N, C, H, W), got '
                              f'{input.dim()}-d')
+
+    @property
+    def steps(self) -> int:
+        """Training iterations so far (reads a tensor: a host sync on a GPU)."""
+        return int(self.iterations)
 
     def window_at(self, iteration: int) -> int:
         """The window of the (1-based) training iteration: the hook's if set, else 1 during
@@ -176,7 +171,9 @@ class CrossIterationBatchNorm2d(_BatchNorm):
     @property
     def window(self) -> int:
         """The window the next training call uses."""
-        return self.window_at(self.steps + self._calls.iteration_ended)
+        if self.window_override is not None:
+            return self.window_override
+        return self.window_at(self.steps + self._call_sites.ended)
 
     def set_window(self, window: int | None) -> None:
         """Fix the window in use (a burn-in hook calls this); None returns to ``burnin_iters``."""
@@ -188,13 +185,14 @@ class CrossIterationBatchNorm2d(_BatchNorm):
         """Start a new iteration at the next training call; from now on only this does.
 
         ``CBNBurnInHook`` calls it before every training iteration of an mmengine run."""
-        self._calls.explicit = True
-        self._calls.iteration_ended = True
+        self._call_sites.new_iteration()
+        if self._sampler is not None:
+            self._next_draw = self._draw()
 
     @property
     def num_call_sites(self) -> int:
         """How many times the layer ran in its last training iteration."""
-        return len(self._calls.shapes)
+        return self._call_sites.next_site
 
     @property
     def paired_conv(self) -> nn.Conv2d | None:
@@ -216,97 +214,79 @@ class CrossIterationBatchNorm2d(_BatchNorm):
             return
         if self._conv is not None:
             raise RuntimeError(f'{self.layer_name} is already paired with another conv')
-        conv.register_forward_hook(_ConvTap(self))
+        conv.register_forward_hook(ConvTap(self))
         object.__setattr__(self, '_conv', conv)  # a reference, not a child module
         self._geometry = geometry
+        self._watch_backward()
 
     # ------------------------------------------------------------------ forward
     def forward(self, input: Tensor) -> Tensor:
         self._check_input_dim(input)
+        calls = self._call_sites
+        conv_io, calls.conv_io = calls.conv_io, None  # holds no activation past its use
         if not self.training:
-            self._calls.conv_io = None  # holds no activation past its use
             return super().forward(input)
-        if torch.compiler.is_compiling():  # a graph break: the state lives in Python
-            return self._training_forward_eager(input)
-        return self._training_forward(input)
-
-    def _training_forward(self, input: Tensor) -> Tensor:
-        """The training forward; ``torch.compile`` runs it eager (:meth:`forward`)."""
-        calls = self._calls
-        conv_io, calls.conv_io = calls.conv_io, None
         if conv_io is not None and conv_io[1] is not input:
             conv_io = None
-        recomputing = torch._C._current_graph_task_id() != -1
-        site, steps = self._call_site(input, recomputing)
-        window = self.window_at(steps)
+        site, recomputing, starts = calls.enter(input, self.layer_name)
+        window = self.window_override if self.window_override is not None else (
+            self.window_size)  # the layer's own burn-in: its records stay out of the window
+        if input.numel() > 0:
+            self._check_call(input, conv_io, site, window, starts, recomputing)
+        if starts:
+            self._start_iteration()
         if input.numel() == 0:  # e.g. a RoI head without RoIs: touch no statistic
             out = self._empty_forward(input)
-        elif window == 1:
-            self.histories.clear()
-            out = self._forward_window(input, None, None, recomputing)
         else:
-            if self.compensation == 'taylor' and not recomputing:
-                self._verify_conv(conv_io)
-            out = self._forward_window(input, conv_io, self._history(site, window, input),
-                                       recomputing)
+            history = None if window == 1 else self._history(site, window, input)
+            out = self._training_step(input, conv_io, history, recomputing)
         if not recomputing:
-            self._end_call(site, steps, input, out)
+            calls.leave(site, input, out, self.layer_name)
+            if out.requires_grad and not self._backward_watched and (
+                    not torch.compiler.is_compiling()):
+                out.register_hook(BackwardTap(self))  # nothing of its own gets a gradient
         return out
 
-    def _call_site(self, input: Tensor, recomputing: bool) -> tuple[int, int]:
-        """``(call site, iteration)`` of this call; commits the records of the last iteration
-        when this call starts a new one (nothing else changes until the call succeeds)."""
-        if recomputing:
-            shapes = self._calls.shapes
-            sites = [i for i, shape in enumerate(shapes) if shape == input.shape]
-            if len(sites) != 1:
-                raise RuntimeError(
-                    f'{self.layer_name}: a gradient-checkpointing recomputation of a CBN layer '
-                    f'called {len(shapes)} times per iteration, {len(sites)} of them '
-                    f'with input shape {tuple(input.shape)}: its call site is ambiguous. Fix: '
-                    'keep this layer out of the checkpointed segment, or use BN/GN there.')
-            return sites[0], self.steps
-        if not self._calls.iteration_ended:
-            return self._calls.index, self.steps
+    def _check_call(self, y: Tensor, conv_io: tuple[Tensor, Tensor] | None, site: int,
+                    window: int, starts: bool, recomputing: bool) -> None:
+        """Refuse a call that cannot be normalized, before anything changes."""
+        if window > 1 and self.compensation == 'taylor' and not recomputing:
+            self._verify_conv(conv_io)
+        if y.numel() == y.shape[1] and not torch.compiler.is_compiling():
+            history = self.histories[site] if window > 1 and site < len(self.histories) else None
+            in_burnin = self.window_override is None and self.burnin_iters >= self.steps + starts
+            if in_burnin or history is None or history.filled + (
+                    starts and history.written) == 0:
+                raise ValueError(f'{self.layer_name}: expected more than 1 value per channel '
+                                 f'when training with no past statistics yet (input '
+                                 f'{tuple(y.shape)}); use a larger batch or feature map, or '
+                                 'GroupNorm')
+
+    def _start_iteration(self) -> None:
+        """The records of the last iteration join the windows; the iteration count moves on."""
         for history in self.histories:
             if history is not None:
                 history.commit()
-        return 0, self.steps + 1
+        self.iterations.add_(1)
+        if not torch.compiler.is_compiling():
+            self._watch_backward()
 
-    def _end_call(self, site: int, steps: int, input: Tensor, out: Tensor) -> None:
-        calls = self._calls
-        if site == 0:
-            calls.shapes.clear()
-            calls.iteration_ended = False
-            self.steps = steps
-        calls.shapes.append(input.shape)
-        calls.index = site + 1
-        if calls.index == _MANY_CALL_SITES:
-            warnings.warn(
-                f'CBN layer {self.layer_name!r} ran {_MANY_CALL_SITES} times in one iteration '
-                'without a backward pass: every call is a call site with a history of its own. '
-                'If these calls are separate iterations, run them under torch.no_grad(), call '
-                'backward, or mark iterations with new_iteration() (CBNBurnInHook does).',
-                stacklevel=3)
-        if not out.requires_grad and not calls.explicit:
-            calls.iteration_ended = True  # no backward will come to tell
-
-    def _on_backward(self) -> None:
-        if not self._calls.explicit:
-            self._calls.iteration_ended = True
+    def _watch_backward(self) -> None:
+        params = [self.weight, self.bias]
+        if self._conv is not None:
+            params += [self._conv.weight, self._conv.bias]
+        watch_backward(self, params)
+        self._backward_watched = any(p is not None and p.requires_grad for p in params)
 
     def _empty_forward(self, input: Tensor) -> Tensor:
         if not self.affine:
             return input.clone()
-        out = input * self.weight.view(1, -1, 1, 1) + self.bias.view(1, -1, 1, 1)
-        if out.requires_grad:
-            out.register_hook(lambda grad: self._on_backward())
-        return out
+        return input * self.weight.view(1, -1, 1, 1) + self.bias.view(1, -1, 1, 1)
 
     def _history(self, site: int, window: int, input: Tensor) -> History:
         taylor = self.compensation == 'taylor'
         shape = (self.num_features, self._geometry.groups if taylor else 1,
-                 self._geometry.depth if taylor else 0)
+                 self._geometry.depth(self._conv.in_channels) if taylor else 0)
         if len(self.histories) <= site:  # extend, not +=: Module.__setattr__ costs per call
             self.histories.extend([None] * (site + 1 - len(self.histories)))
         history = self.histories[site]
@@ -317,63 +297,52 @@ class CrossIterationBatchNorm2d(_BatchNorm):
         self.histories[site] = history
         return history
 
-    def _forward_window(self, y: Tensor, conv_io: tuple[Tensor, Tensor] | None,
-                        history: History | None, recomputing: bool) -> Tensor:
-        """Eq. 7-11 with the window of ``history`` (None: plain BN), then the call's record."""
-        count = y.numel() // y.shape[1]
-        if count == 1 and (history is None or history.filled == 0):
-            raise ValueError(f'{self.layer_name}: expected more than 1 value per channel when '
-                             f'training with no past statistics yet (input {tuple(y.shape)}); '
-                             'use a larger batch or feature map, or GroupNorm')
-        taylor = history is not None and self.compensation == 'taylor'
-        weight = bias = None
-        if taylor:
-            weight, bias = self._conv.weight, self._conv.bias
-            if self.detach_compensation:
-                weight, bias = weight.detach(), None if bias is None else bias.detach()
-        past = history.past(taylor) if history is not None and history.filled else None
+    def _training_step(self, y: Tensor, conv_io: tuple[Tensor, Tensor] | None,
+                       history: History | None, recomputing: bool) -> Tensor:
+        """Read the state, run :func:`~mmdet_cbn.functional.training_step` (fused where it
+        pays), which writes the record and the running statistics in place."""
+        if history is None:
+            self.histories.clear()
+        taylor = self.compensation == 'taylor' and history is not None
+        conv = self._conv
+        options = StepOptions(
+            self.eps, self.momentum, self.track_running_stats,
+            self._geometry if taylor else None, self.detach_compensation,
+            self.grad_nu_stride, self.burnin_iters if self.window_override is None else 0)
+        step = fused_step if self._use_fused(y) else training_step
         with torch.autocast(y.device.type, enabled=False) if _autocast_on(y) else _nothing():
-            out, mean, var, window = window_normalize(
-                y, self.weight, self.bias, self.eps, weight=weight, bias=bias, past=past,
-                on_backward=self._on_backward)
-            if not recomputing:
-                self._commit(y, conv_io, history, mean, var, window, count)
-        return out
+            return step(y, None if conv_io is None else conv_io[0], self.weight, self.bias,
+                        conv.weight if taylor else None, conv.bias if taylor else None,
+                        ring=None if history is None else history.ring(),
+                        running_mean=self.running_mean, running_var=self.running_var,
+                        num_batches_tracked=self.num_batches_tracked,
+                        nonfinite_batches=self.nonfinite_batches, iteration=self.iterations,
+                        options=options, record=not recomputing,
+                        draw=self._draw() if taylor and not recomputing else (0, 0))
 
-    @torch.no_grad()
-    def _commit(self, y: Tensor, conv_io: tuple[Tensor, Tensor] | None,
-                history: History | None, mean: Tensor, var: Tensor, window: Tensor,
-                count: int) -> None:
-        """Record this call for the next iterations and update the running statistics from the
-        ``window``'s mean and variance; a call with a non-finite window changes neither (no
-        host sync). A finite window means a finite batch and record: ``y = conv(x; W)`` is
-        non-finite wherever an input or weight it reads is."""
-        bad = nonfinite(window)
-        self.nonfinite_batches.add_(bad)
-        if history is not None:
-            taylor = self.compensation == 'taylor'
-            record_statistics(
-                conv_io[0] if taylor else None, y, mean, var,
-                self._conv.weight if taylor else None, self._geometry if taylor else None,
-                grad_stride=self.grad_nu_stride, draw=self._draw(), out=history.free_slot())
-            history.settle(bad)
-        if not self.track_running_stats:
-            return
-        self.num_batches_tracked.add_(1)
-        factor = (self.momentum if self.momentum is not None
-                  else 1.0 / self.num_batches_tracked.to(window.dtype))
-        # examples per channel over the window (past batches taken as large as this one)
-        examples = count * (1 + (history.filled if history is not None else 0))
-        update_running_stats(self.running_mean, self.running_var,
-                             window.masked_fill_(bad, 0), examples=examples, factor=factor,
-                             keep=bad.logical_not())
+    def _use_fused(self, y: Tensor) -> bool:
+        """The compiled step: where asked for, by default on CUDA; never inside a model that
+        is being compiled (its graph takes the step in whole)."""
+        if torch.compiler.is_compiling():
+            return False
+        return self.fused if self.fused is not None else y.device.type == 'cuda'
 
     def _draw(self) -> tuple[int, int]:
-        """Offsets for the sampled ``d var / d W`` from the layer's own generator."""
+        """Offsets for the sampled ``d var / d W`` from the layer's own generator: a new draw
+        per call, except inside a model being compiled (a traced draw would be a constant),
+        where it is the one drawn when the last iteration ended."""
         if self._sampler is None:
             return (0, 0)
+        if torch.compiler.is_compiling():
+            return self._next_draw
         high = self.grad_nu_stride ** 2
         return tuple(int(v) for v in torch.randint(high, (2,), generator=self._sampler))
+
+    def _iteration_ended(self) -> None:
+        """A backward pass ran through the layer (eager: from a gradient hook)."""
+        self._call_sites.backward_ran()
+        if self._sampler is not None:
+            self._next_draw = self._draw()
 
     # ------------------------------------------------------------------ checks
     def _unpaired_message(self) -> str:
@@ -385,10 +354,12 @@ class CrossIterationBatchNorm2d(_BatchNorm):
                 "compensation='none' (Naive CBN), which needs no conv.")
 
     def _verify_conv(self, conv_io: tuple[Tensor, Tensor] | None) -> None:
-        """Once: the paired conv's output is ``conv2d(input, weight, bias)`` (one image)."""
+        """Once: the paired conv's output is ``conv2d(input, weight, bias)`` (one image). Not
+        inside a model being compiled (the check reads a value): run one step eager first."""
         if conv_io is None:
             raise RuntimeError(self._unpaired_message())
-        if self._conv_verified or conv_io[1].device.type == 'meta':  # meta: no values
+        if self._conv_verified or conv_io[1].device.type == 'meta' or (
+                torch.compiler.is_compiling()):
             return
         x, y = conv_io
         conv, geometry = self._conv, self._geometry
@@ -415,6 +386,7 @@ class CrossIterationBatchNorm2d(_BatchNorm):
     # ------------------------------------------------------------------ state
     def _apply(self, fn, recurse=True):
         super()._apply(fn, recurse)
+        self.iterations = fn(self.iterations)
         self.nonfinite_batches = fn(self.nonfinite_batches)
         for history in self.histories:
             if history is not None:
@@ -423,7 +395,7 @@ class CrossIterationBatchNorm2d(_BatchNorm):
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         super()._save_to_state_dict(destination, prefix, keep_vars)
-        destination[prefix + 'cbn_steps'] = torch.tensor(self.steps)
+        destination[prefix + 'cbn_steps'] = self.iterations.clone()
         destination[prefix + 'cbn_nonfinite_batches'] = self.nonfinite_batches.clone()
         for site, history in enumerate(self.histories):
             if history is not None:
@@ -445,7 +417,7 @@ class CrossIterationBatchNorm2d(_BatchNorm):
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)
         if steps is not None:
-            self.steps = int(steps)
+            self.iterations.copy_(steps)
         if nonfinite is not None:
             self.nonfinite_batches.copy_(nonfinite)
         if sampler is not None and self._sampler is not None:
@@ -462,17 +434,7 @@ class CrossIterationBatchNorm2d(_BatchNorm):
             else:
                 error_msgs.append(f'{prefix}: incomplete CBN history of call site {site} in the '
                                   f'state dict (has {sorted(fields)})')
-        self._calls.shapes = []
-        self._calls.iteration_ended = True
-
-
-def _keep_training_forward_eager() -> None:
-    """The training forward ``torch.compiler.disable``-d, once, when the first layer is built:
-    done at import it would import ``torch._dynamo``, which changes torch's safe globals. Only
-    a compiled forward calls it: the wrapper costs every eager call several microseconds."""
-    cls = CrossIterationBatchNorm2d
-    if not hasattr(cls, '_training_forward_eager'):
-        cls._training_forward_eager = torch.compiler.disable(cls._training_forward)
+        self._call_sites.reset()
 
 
 def _autocast_on(t: Tensor) -> bool:

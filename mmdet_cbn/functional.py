@@ -13,9 +13,6 @@ the centered (biased) variance ``var`` of ``y``.
 from __future__ import annotations
 
 import functools
-import math
-from collections.abc import Callable
-from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
@@ -24,16 +21,16 @@ from torch.autograd.function import once_differentiable
 
 __all__ = [
     'ConvGeometry', 'SlotRecord', 'stat_dtype', 'mean_input_patch', 'grad_var_wrt_weight',
-    'record_statistics', 'compensate', 'PastRecords',
-    'window_normalize', 'nonfinite', 'update_running_stats',
+    'record_statistics', 'compensate', 'PastRecords', 'window_normalize', 'nonfinite',
+    'update_running_stats', 'record_layout', 'RingState', 'StepOptions', 'training_step',
 ]
 
 
-@dataclass(frozen=True)
-class ConvGeometry:
-    """The hyper-parameters of the 2-d convolution feeding a CBN layer."""
+class ConvGeometry(NamedTuple):
+    """The hyper-parameters of the 2-d convolution feeding a CBN layer (plain numbers: layers
+    of one architecture share a handful of them, and so does compiled code)."""
 
-    weight_shape: tuple[int, int, int, int]
+    kernel_size: tuple[int, int]
     stride: tuple[int, int]
     padding: tuple[int, int]
     dilation: tuple[int, int]
@@ -52,13 +49,16 @@ class ConvGeometry:
                     raise ValueError("padding='same' with an even kernel span is not supported")
         if conv.padding_mode != 'zeros':
             raise ValueError(f"padding_mode={conv.padding_mode!r} is not supported, only 'zeros'")
-        return cls(tuple(conv.weight.shape), tuple(conv.stride), tuple(padding),
+        return cls(tuple(conv.kernel_size), tuple(conv.stride), tuple(padding),
                    tuple(conv.dilation), conv.groups)
 
-    @property
-    def depth(self) -> int:
+    def weight_shape(self, in_channels: int, out_channels: int) -> tuple[int, int, int, int]:
+        """``(C, C_in / g, kh, kw)``."""
+        return (out_channels, in_channels // self.groups, *self.kernel_size)
+
+    def depth(self, in_channels: int) -> int:
         """``D``: weights per output channel."""
-        return math.prod(self.weight_shape[1:])
+        return in_channels // self.groups * self.kernel_size[0] * self.kernel_size[1]
 
 
 class SlotRecord(NamedTuple):
@@ -82,35 +82,36 @@ def stat_dtype(t: Tensor) -> torch.dtype:
     return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
-def _conv_weight_grad(x: Tensor, grad_y: Tensor, weight: Tensor, geometry: ConvGeometry,
-                      stride: tuple[int, int], padding: tuple[int, int]) -> Tensor:
-    """The weight gradient of ``conv2d`` for output gradient ``grad_y`` (one backward conv;
-    ``weight`` gives the shape only)."""
+def _conv_weight_grad(x: Tensor, grad_y: Tensor, weight_shape: tuple[int, ...],
+                      geometry: ConvGeometry, stride: tuple[int, int],
+                      padding: tuple[int, int]) -> Tensor:
+    """The weight gradient of ``conv2d`` for output gradient ``grad_y`` (one backward conv)."""
+    weight = x.new_zeros(()).expand(weight_shape)  # gives the shape only
     _, grad_w, _ = torch.ops.aten.convolution_backward.default(
         grad_y, x, weight, None, list(stride), list(padding), list(geometry.dilation), False,
         [0, 0], geometry.groups, [False, True, False])
     return grad_w
 
 
-@functools.lru_cache(maxsize=256)
 def _tap_rows(size: int, out_size: int, kernel: int, stride: int, padding: int,
               dilation: int, device: torch.device, dtype: torch.dtype) -> Tensor:
     """``(kernel, size)`` 0/1 matrix: which input rows (or columns) kernel tap ``a`` reads over
-    all output positions, i.e. ``q * stride + a * dilation - padding`` inside the input.
+    all output positions, i.e. ``q * stride + a * dilation - padding`` inside the input."""
+    taps = torch.arange(kernel, device=device).unsqueeze(1) * dilation
+    rows = torch.arange(out_size, device=device) * stride - padding + taps
+    inside = (rows >= 0) & (rows < size)
+    hits = torch.where(inside, rows, size).unsqueeze(2) == torch.arange(size, device=device)
+    return hits.to(dtype).sum(1)
 
-    Cached: it depends on the geometry only.
-    """
+
+@functools.lru_cache(maxsize=256)
+def _cached_tap_rows(*args) -> Tensor:
+    """:func:`_tap_rows`, kept for eager calls: it depends on the geometry only."""
     with torch.inference_mode(False), torch.no_grad():
-        taps = torch.arange(kernel, device=device).unsqueeze(1) * dilation
-        rows = torch.arange(out_size, device=device) * stride - padding + taps
-        inside = (rows >= 0) & (rows < size)
-        out = torch.zeros(kernel, size + 1, device=device, dtype=dtype)
-        out.scatter_(1, torch.where(inside, rows, size), 1.0)
-        return out[:, :size]
+        return _tap_rows(*args)
 
 
-def mean_input_patch(x: Tensor, geometry: ConvGeometry, out_hw: tuple[int, int], *,
-                     out: Tensor | None = None) -> Tensor:
+def mean_input_patch(x: Tensor, geometry: ConvGeometry, out_hw: tuple[int, int]) -> Tensor:
     """``Xbar`` of Appendix B: the mean input patch, ``d mu_c / d W_c`` for every channel ``c``.
 
     ``Xbar[j, i, u] = 1/M sum_{n,p} x_patch(n, i, p + u)`` for the input channels of group ``j``.
@@ -120,26 +121,25 @@ def mean_input_patch(x: Tensor, geometry: ConvGeometry, out_hw: tuple[int, int],
     ``Xbar[i, a, b] = 1/M sum_{n,h,w} R[a, h] x[n, i, h, w] S[b, w]``: two matrix products, the
     first one reading ``x`` once, exact for any stride, padding and dilation.
 
-    Returns ``(g, D)`` in :func:`stat_dtype` of ``x`` (written to ``out`` if given).
+    Returns ``(g, D)`` in :func:`stat_dtype` of ``x``.
     """
-    g = geometry.groups
-    _, c_in_g, kh, kw = geometry.weight_shape
+    kh, kw = geometry.kernel_size
     dtype = stat_dtype(x)
     # many small maps (RoIs): sum the batch first; a few large ones (FPN levels): don't copy
     xf = x.sum(0, keepdim=True, dtype=dtype) if x.shape[0] > 4 else x.to(dtype)
     height, width = x.shape[2:]
-    rows = _tap_rows(height, out_hw[0], kh, geometry.stride[0], geometry.padding[0],
-                     geometry.dilation[0], xf.device, dtype)
-    cols = _tap_rows(width, out_hw[1], kw, geometry.stride[1], geometry.padding[1],
-                     geometry.dilation[1], xf.device, dtype)
+    taps = _tap_rows if torch.compiler.is_compiling() else _cached_tap_rows
+    rows = taps(height, out_hw[0], kh, geometry.stride[0], geometry.padding[0],
+                geometry.dilation[0], xf.device, dtype)
+    cols = taps(width, out_hw[1], kw, geometry.stride[1], geometry.padding[1],
+                geometry.dilation[1], xf.device, dtype)
     xbar = torch.matmul(rows, torch.matmul(xf, cols.t()).sum(0))  # (c, a, b)
     m = x.shape[0] * out_hw[0] * out_hw[1]
-    return torch.div(xbar.reshape(g, c_in_g * kh * kw), m, out=out)
+    return xbar.reshape(geometry.groups, geometry.depth(x.shape[1])).div_(m)
 
 
 def grad_var_wrt_weight(x: Tensor, y: Tensor, mean: Tensor, geometry: ConvGeometry, *,
-                        stride: int = 1, offset: tuple[int, int] = (0, 0),
-                        weight: Tensor | None = None, out: Tensor | None = None) -> Tensor:
+                        stride: int = 1, offset: tuple[int, int] = (0, 0)) -> Tensor:
     """``d var / d W``: the weight gradient of the conv for the output gradient ``2 (y - mu) / M``.
 
     ``grad_var[c, i, u] = 2/M sum_{n,p} (y(n, c, p) - mu_c) x_patch(n, i, p + u)``, ``(C, D)``.
@@ -148,22 +148,21 @@ def grad_var_wrt_weight(x: Tensor, y: Tensor, mean: Tensor, geometry: ConvGeomet
     With ``stride = s > 1`` only the output positions ``offset + s * q`` enter, weighted by
     ``s^2`` (their inverse probability of being drawn): the estimate is unbiased for every map
     size when ``offset`` is uniform in ``[0, s)^2``, and ``s^2`` times cheaper. In float32, or
-    float64 for float64 inputs. ``weight`` (optional) is any tensor of the weight's shape;
-    ``out`` (optional) receives the result.
+    float64 for float64 inputs.
     """
     dtype = stat_dtype(y)
     xf = x.to(dtype)
     centered = y.to(dtype) - mean.view(1, -1, 1, 1)
     (sh, sw), (ph, pw) = geometry.stride, geometry.padding
     m = y.shape[0] * y.shape[2] * y.shape[3]
+    weight_shape = geometry.weight_shape(x.shape[1], y.shape[1])
     conv_stride, conv_padding = (sh, sw), (ph, pw)
     if stride > 1:
         oh, ow = offset
         centered = centered[:, :, oh::stride, ow::stride]
         if centered.numel() == 0:  # a map smaller than the offset: nothing drawn this time
-            zeros = y.new_zeros(y.shape[1], geometry.depth, dtype=dtype)
-            return zeros if out is None else out.copy_(zeros)
-        if geometry.weight_shape[2:] == (1, 1) and (ph, pw) == (0, 0):
+            return y.new_zeros(y.shape[1], geometry.depth(x.shape[1]), dtype=dtype)
+        if geometry.kernel_size == (1, 1) and (ph, pw) == (0, 0):
             # a 1x1 conv sees one input pixel per output position: gather those, then a
             # stride-1 weight gradient (cheaper than a strided one)
             hs, ws = centered.shape[2:]
@@ -175,11 +174,9 @@ def grad_var_wrt_weight(x: Tensor, y: Tensor, mean: Tensor, geometry: ConvGeomet
             conv_stride = (sh * stride, sw * stride)
         conv_padding = (0, 0)
         m = m / stride ** 2
-    if weight is None or weight.dtype != dtype:
-        weight = xf.new_zeros(()).expand(geometry.weight_shape)
-    grad_w = _conv_weight_grad(xf.contiguous(), centered.contiguous(), weight, geometry,
+    grad_w = _conv_weight_grad(xf.contiguous(), centered.contiguous(), weight_shape, geometry,
                                conv_stride, conv_padding)
-    return torch.mul(grad_w.reshape(grad_w.shape[0], -1), 2.0 / m, out=out)
+    return grad_w.reshape(grad_w.shape[0], -1).mul_(2.0 / m)
 
 
 @functools.lru_cache(maxsize=64)
@@ -192,8 +189,7 @@ def _constant(shape: tuple[int, ...], value: float, device: torch.device,
 
 def record_statistics(x: Tensor | None, y: Tensor, mean: Tensor, var: Tensor,
                       weight: Tensor | None, geometry: ConvGeometry | None, *,
-                      grad_stride: int = 1, draw: tuple[int, int] = (0, 0),
-                      out: SlotRecord | None = None) -> SlotRecord:
+                      grad_stride: int = 1, draw: tuple[int, int] = (0, 0)) -> SlotRecord:
     """The record of the current iteration: what compensating it later needs (no gradient).
 
     Args:
@@ -205,30 +201,21 @@ def record_statistics(x: Tensor | None, y: Tensor, mean: Tensor, var: Tensor,
             at least ``4 s^2`` images (RoI heads) every ``s^2``-th image from ``draw[0]``,
             else every ``s``-th position in each direction from ``draw``.
         draw: the random offsets in ``[0, s)``, ``[0, s^2)`` for images.
-        out: tensors of the record's shapes the record is written to (a history slot), or
-            None.
     """
-    if out is not None:
-        mean = out.mean.copy_(mean)
     if geometry is None:
-        return SlotRecord(mean, var if out is None else out.var_intercept.copy_(var), None,
-                          None)
-    xbar = mean_input_patch(x, geometry, y.shape[2:], out=None if out is None else out.xbar)
+        return SlotRecord(mean, var, None, None)
+    xbar = mean_input_patch(x, geometry, y.shape[2:])
     step = grad_stride ** 2
-    grad_out = None if out is None else out.grad_var
     if grad_stride > 1 and y.shape[0] >= 4 * step:
         # every s^2-th image (RoI): a stride-1 conv; inverse inclusion probability s^2
         first = draw[0] % step
-        grad_var = grad_var_wrt_weight(x[first::step], y[first::step], mean, geometry,
-                                       weight=weight, out=grad_out)
+        grad_var = grad_var_wrt_weight(x[first::step], y[first::step], mean, geometry)
         grad_var.mul_(y[first::step].shape[0] * step / y.shape[0])
     else:
         grad_var = grad_var_wrt_weight(x, y, mean, geometry, stride=grad_stride,
-                                       offset=(draw[0] % grad_stride, draw[1] % grad_stride),
-                                       weight=weight, out=grad_out)
+                                       offset=(draw[0] % grad_stride, draw[1] % grad_stride))
     flat_weight = weight.reshape(weight.shape[0], -1).to(grad_var.dtype)
-    var_intercept = torch.sub(var, torch.linalg.vecdot(grad_var, flat_weight),
-                              out=None if out is None else out.var_intercept)
+    var_intercept = var - torch.linalg.vecdot(grad_var, flat_weight)
     return SlotRecord(mean, var_intercept, xbar, grad_var)
 
 
@@ -308,7 +295,7 @@ class _WindowNormalize(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, y, gamma, beta, weight, bias, past, eps, on_backward):
+    def forward(ctx, y, gamma, beta, weight, bias, past, eps):
         dtype = stat_dtype(y)
         y_stats = y if y.dtype == dtype else y.to(dtype)
         mean, var = _batch_moments(y_stats)
@@ -328,7 +315,7 @@ class _WindowNormalize(torch.autograd.Function):
                 ctx.past, ctx.slot_terms = past, (spread, var_hat, delta)
         out = torch.batch_norm(y, gamma, beta, mu_bar, var_bar, False, 0.0, eps, True)
         ctx.save_for_backward(y, gamma, mu_bar, var_bar)
-        ctx.eps, ctx.k, ctx.on_backward = eps, k, on_backward
+        ctx.eps, ctx.k = eps, k
         ctx.weight_shape = None if weight is None else weight.shape
         window = torch.stack([mu_bar, var_bar])
         ctx.mark_non_differentiable(mean, var, window)
@@ -338,10 +325,8 @@ class _WindowNormalize(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out, *unused):
-        if ctx.on_backward is not None:
-            ctx.on_backward()
         if grad_out is None:  # only the (non-differentiable) statistics were used
-            return (None,) * 8
+            return (None,) * 7
         y, gamma, mu_bar, var_bar = ctx.saved_tensors
         inv_std = (var_bar + ctx.eps).rsqrt_()
         if gamma is None:
@@ -415,8 +400,7 @@ def _grad_through_compensation(past: PastRecords, spread: Tensor, var_hat: Tenso
 
 def window_normalize(y: Tensor, gamma: Tensor | None, beta: Tensor | None, eps: float, *,
                      weight: Tensor | None = None, bias: Tensor | None = None,
-                     past: PastRecords | None = None,
-                     on_backward: Callable[[], None] | None = None
+                     past: PastRecords | None = None
                      ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Normalize ``y`` with the statistics of the window (Eq. 7-11).
 
@@ -427,14 +411,13 @@ def window_normalize(y: Tensor, gamma: Tensor | None, beta: Tensor | None, eps: 
         weight, bias: the current conv weight and bias the past slots are compensated to.
             The gradient flows through the compensation into them unless they are detached.
         past: the past slots, or None (then this is BatchNorm's training forward).
-        on_backward: called when the backward runs (how a layer learns an iteration ended).
 
     Returns:
         ``(out, mean, var, window)``: the normalized ``y`` (dtype of ``y``) and, detached,
         the batch's mean and variance ``(C,)`` and the window's ``(2, C)`` (``mu_bar``,
         ``var_bar``); float32, or float64 for float64 ``y``.
     """
-    return _WindowNormalize.apply(y, gamma, beta, weight, bias, past, eps, on_backward)
+    return _WindowNormalize.apply(y, gamma, beta, weight, bias, past, eps)
 
 
 def nonfinite(t: Tensor) -> Tensor:
@@ -444,11 +427,13 @@ def nonfinite(t: Tensor) -> Tensor:
     with zeros is exactly 0 iff all are finite, else NaN (a sum of the values could overflow).
     """
     flat = t.reshape(-1)
-    return torch.dot(flat, _constant(flat.shape, 0.0, flat.device, flat.dtype)).isnan()
+    zeros = (torch.zeros_like(flat) if torch.compiler.is_compiling()
+             else _constant(flat.shape, 0.0, flat.device, flat.dtype))
+    return torch.dot(flat, zeros).isnan()
 
 
 def update_running_stats(running_mean: Tensor, running_var: Tensor, window: Tensor, *,
-                         examples: int, factor: Tensor | float, keep: Tensor) -> None:
+                         examples: Tensor | int, factor: Tensor | float, keep: Tensor) -> None:
     """BatchNorm's running-average step, in place: ``r <- r + factor (stat - r)``.
 
     ``window`` is ``(2, C)``: the mean and the biased variance, which enters unbiased,
@@ -458,5 +443,111 @@ def update_running_stats(running_mean: Tensor, running_var: Tensor, window: Tens
     """
     step = keep * factor
     running_mean.lerp_(window[0].to(running_mean.dtype), step)
-    unbiased = window[1] * (examples / max(examples - 1, 1))
+    unbiased = window[1] * (examples / (examples - 1).clamp(min=1) if isinstance(
+        examples, Tensor) else examples / max(examples - 1, 1))
     running_var.lerp_(unbiased.to(running_var.dtype), step)
+
+
+def record_layout(channels: int, groups: int, depth: int) -> dict[str, int]:
+    """Widths of the fields of one packed record (a row of :class:`RingState` ``records``):
+    ``mean``, ``var_intercept`` (``C``), ``valid`` (1), ``xbar`` (``g D``), ``grad_var``
+    (``C D``); ``D = 0`` without compensation."""
+    return dict(mean=channels, var_intercept=channels, valid=1, xbar=groups * depth,
+                grad_var=channels * depth)
+
+
+class RingState(NamedTuple):
+    """The history of one call site as a training step reads and writes it (all tensors)."""
+
+    records: Tensor  # (P, R): P = S + 1 packed records (record_layout); one is free
+    cursor: Tensor  # (3,) long: [free slot, committed records, free slot written]
+    slot_weight: Tensor  # (P,) 1 for a valid committed record, else 0 (the free slot too)
+    window: Tensor  # (1,) k = 1 + sum(slot_weight)
+
+
+class StepOptions(NamedTuple):
+    """A layer's constants for its training step: plain numbers, fixed per model, so that
+    layers alike share compiled code."""
+
+    eps: float
+    momentum: float | None
+    track_running_stats: bool
+    geometry: ConvGeometry | None  # the conv's, for the Taylor compensation; None: Naive CBN
+    detach_compensation: bool
+    grad_stride: int
+    burnin_iters: int  # records of iterations up to this one stay out of the window
+
+
+def training_step(y: Tensor, x: Tensor | None, gamma: Tensor | None, beta: Tensor | None,
+                  conv_weight: Tensor | None, conv_bias: Tensor | None, *,
+                  ring: RingState | None, running_mean: Tensor | None,
+                  running_var: Tensor | None, num_batches_tracked: Tensor | None,
+                  nonfinite_batches: Tensor, iteration: Tensor, options: StepOptions,
+                  draw: tuple[int, int] = (0, 0), record: bool = True) -> Tensor:
+    """One training call of a CBN layer (Eq. 7-11), its record and the running statistics.
+
+    Normalizes ``y = conv(x; conv_weight, conv_bias)`` with the statistics of the window of
+    ``ring`` (None: of ``y`` alone, BatchNorm's), writes this call's record into the ring's
+    free slot and updates the running statistics from the window's mean and variance; a call
+    whose window statistics are not finite changes neither (it counts in
+    ``nonfinite_batches``). All state changes in place, nothing is read back to the host, and
+    nothing but tensors changes from call to call, so ``torch.compile`` traces it whole.
+
+    Args:
+        y: ``(N, C, H, W)`` the conv output; x: its input (used with compensation only).
+        gamma, beta: ``(C,)`` affine parameters or None.
+        conv_weight, conv_bias: the conv's current parameters (compensation only).
+        ring: the call site's history, or None for window 1.
+        running_mean, running_var, num_batches_tracked: BatchNorm's buffers, or None.
+        nonfinite_batches: ``()`` long, calls kept out so far.
+        iteration: ``()`` long, the 1-based training iteration of this call.
+        options: the layer's constants.
+        draw: offsets for a sampled ``d var / d W`` (``options.grad_stride > 1``).
+        record: False for a gradient-checkpointing recomputation: normalize, change nothing.
+
+    Returns:
+        The normalized ``y``.
+    """
+    geometry = options.geometry if ring is not None else None
+    past, weight, bias = None, None, None
+    if ring is not None:
+        groups = 1 if geometry is None else geometry.groups
+        depth = 0 if geometry is None else geometry.depth(x.shape[1])
+        layout = record_layout(y.shape[1], groups, depth)
+        mean, var_intercept, _, xbar, grad_var = ring.records.split(list(layout.values()), 1)
+        slots = ring.records.shape[0]
+        past = PastRecords(mean, var_intercept, ring.slot_weight, ring.window[0],
+                           None if geometry is None else xbar.view(slots, groups, depth),
+                           None if geometry is None else grad_var.view(slots, -1, depth))
+        if geometry is not None:
+            weight, bias = conv_weight, conv_bias
+            if options.detach_compensation:
+                weight, bias = weight.detach(), None if bias is None else bias.detach()
+    out, mean, var, window = window_normalize(y, gamma, beta, options.eps, weight=weight,
+                                              bias=bias, past=past)
+    if not record:
+        return out
+    with torch.no_grad():
+        bad = nonfinite(window)
+        nonfinite_batches.add_(bad)
+        if ring is not None:
+            slot = record_statistics(x, y, mean, var, conv_weight, geometry,
+                                     grad_stride=options.grad_stride, draw=draw)
+            valid = (torch.ones(1, dtype=mean.dtype, device=mean.device)
+                     if options.burnin_iters == 0 else
+                     (iteration > options.burnin_iters).to(mean.dtype).view(1))
+            fields = [slot.mean, slot.var_intercept, valid]
+            if geometry is not None:
+                fields += [slot.xbar.reshape(-1), slot.grad_var.reshape(-1)]
+            packed = torch.cat(fields).masked_fill_(bad, 0)
+            ring.records.index_copy_(0, ring.cursor[:1], packed.unsqueeze(0))
+            ring.cursor[2:].fill_(1)
+        if options.track_running_stats:
+            num_batches_tracked.add_(1)
+            factor = (options.momentum if options.momentum is not None
+                      else 1.0 / num_batches_tracked.to(window.dtype))
+            count = y.numel() // y.shape[1]
+            update_running_stats(running_mean, running_var, window.masked_fill_(bad, 0),
+                                 examples=count if ring is None else ring.window[0] * count,
+                                 factor=factor, keep=bad.logical_not())
+    return out

@@ -6,7 +6,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from .functional import PastRecords, SlotRecord
+from .functional import RingState, record_layout
 
 __all__ = ['History']
 
@@ -17,11 +17,14 @@ class History:
     """The :class:`~mmdet_cbn.functional.SlotRecord` of the last ``S`` iterations, and a free
     slot where the running iteration writes its own.
 
-    All ``S + 1`` slots live in one ``(S + 1, R)`` tensor; the fields are named views of it
-    (``mean`` ``(S + 1, C)``, ``var_intercept`` ``(S + 1, C)``, ``valid`` ``(S + 1,)``,
-    ``xbar`` ``(S + 1, g, D)``, ``grad_var`` ``(S + 1, C, D)``; ``D = 0`` without
-    compensation). Empty and discarded (non-finite) slots have ``valid = 0``; they and the
-    free slot weigh 0 in the window.
+    All ``S + 1`` slots live in one ``(S + 1, R)`` tensor (``records``); the fields are named
+    views of it (``mean`` ``(S + 1, C)``, ``var_intercept`` ``(S + 1, C)``, ``valid``
+    ``(S + 1,)``, ``xbar`` ``(S + 1, g, D)``, ``grad_var`` ``(S + 1, C, D)``; ``D = 0``
+    without compensation). Empty and discarded slots have ``valid = 0``; they and the free
+    slot weigh 0 in the window. The ring position lives in the tensor ``cursor = [free,
+    filled, written]`` and the slots' weights in ``slot_weight`` / ``window``, so that a step
+    changes no Python number (``torch.compile`` does not recompile from one iteration to the
+    next) and reads nothing back to the host.
 
     The record of the running iteration waits in the free slot until the next iteration starts
     (:meth:`commit`): until then the window is the same for every forward of this iteration,
@@ -32,82 +35,70 @@ class History:
                  device: torch.device, dtype: torch.dtype) -> None:
         self.shape = (channels, groups, depth)
         self.records = torch.zeros(slots + 1, self.record_size, device=device, dtype=dtype)
-        self.free = 0  # the slot the running iteration writes
-        self.filled = 0  # committed records, at most ``slots``
-        self.written = False  # the free slot holds the running iteration's record
+        self.cursor = torch.zeros(3, dtype=torch.long, device=device)
+        self.slot_weight = torch.zeros(slots + 1, device=device, dtype=dtype)
+        self.window = torch.ones(1, device=device, dtype=dtype)
         self._make_views()
-        self._weigh()
 
     @property
     def record_size(self) -> int:
-        channels, groups, depth = self.shape
-        return 2 * channels + 1 + groups * depth + channels * depth
+        return sum(record_layout(*self.shape).values())
 
     @property
     def slots(self) -> int:
         """``S``: the past iterations the window holds."""
         return self.records.shape[0] - 1
 
+    @property
+    def free(self) -> int:
+        """The slot the running iteration writes (reads the cursor: a host sync)."""
+        return int(self.cursor[0])
+
+    @property
+    def filled(self) -> int:
+        """Committed records, at most ``S`` (a host sync)."""
+        return int(self.cursor[1])
+
+    @property
+    def written(self) -> bool:
+        """Whether the free slot holds the running iteration's record (a host sync)."""
+        return bool(self.cursor[2])
+
     def _make_views(self) -> None:
         channels, groups, depth = self.shape
         physical = self.records.shape[0]
-        sizes = (channels, channels, 1, groups * depth, channels * depth)
+        layout = record_layout(channels, groups, depth)
         shapes = ((channels,), (channels,), (), (groups, depth), (channels, depth))
-        for name, part, shape in zip(FIELDS, self.records.split(sizes, dim=1), shapes):
+        for (name, part), shape in zip(zip(FIELDS, self.records.split(list(layout.values()),
+                                                                      dim=1)), shapes):
             setattr(self, name, part.view(physical, *shape))
 
-    def _weigh(self) -> None:
-        """The slots' weights in the window: their validity, the free slot's 0 (a copy: the
-        running iteration writes its own validity into the free slot)."""
-        self.slot_weight = self.valid.clone()
-        self.slot_weight[self.free].zero_()  # not `= 0`: a copy from the host
-        self.window = 1 + self.slot_weight.sum()
-
-    def past(self, compensated: bool) -> PastRecords:
-        """The slots as the window normalization reads them (the free one weighs 0)."""
-        return PastRecords(self.mean, self.var_intercept, self.slot_weight, self.window,
-                           self.xbar if compensated else None,
-                           self.grad_var if compensated else None)
-
-    def free_slot(self) -> SlotRecord:
-        """The free slot's fields, where the running iteration writes its record (then
-        :meth:`settle` it)."""
-        self.written = True
-        free = self.free
-        compensated = self.shape[2] > 0
-        return SlotRecord(self.mean[free], self.var_intercept[free],
-                          self.xbar[free] if compensated else None,
-                          self.grad_var[free] if compensated else None)
-
-    def settle(self, bad: Tensor) -> None:
-        """Mark the running iteration's record valid, or, where ``bad`` (0-d bool), all zeros
-        and invalid, so that it stays out of the window (no host sync)."""
-        self.valid[self.free].fill_(1)
-        self.records[self.free].masked_fill_(bad, 0)
+    def ring(self) -> RingState:
+        """The tensors a training step reads and writes."""
+        return RingState(self.records, self.cursor, self.slot_weight, self.window)
 
     def commit(self) -> None:
         """The running iteration's record joins the window, the oldest leaves (no host sync)."""
-        if not self.written:
-            return
-        self.written = False
-        self.free = (self.free + 1) % self.records.shape[0]
-        self.filled = min(self.filled + 1, self.slots)
-        self._weigh()
+        _commit(self.valid, self.cursor, self.slot_weight, self.window)
 
     def resized(self, slots: int) -> 'History':
         """A history with ``slots`` slots holding the newest records of this one (and the
-        running iteration's, if written)."""
+        running iteration's, if written). Reads the cursor (a host sync): not for every step."""
         new = History(slots, *self.shape, self.records.device, self.records.dtype)
         physical = self.records.shape[0]
-        newest = [(self.free - 1 - j) % physical for j in range(min(slots, self.filled))]
+        free, filled, written = (int(v) for v in self.cursor)
+        newest = [(free - 1 - j) % physical for j in range(min(slots, filled))]
         for j, i in enumerate(reversed(newest)):
             new.records[j] = self.records[i]
-        new.free, new.filled = len(newest), len(newest)
-        if self.written:
-            new.records[new.free] = self.records[self.free]
-            new.written = True
+        if written:
+            new.records[len(newest)] = self.records[free]
+        new.cursor.copy_(torch.tensor([len(newest), len(newest), written]))
         new._weigh()
         return new
+
+    def _weigh(self) -> None:
+        """The slots' weights from their validity and the cursor (after a direct change)."""
+        _weigh(self.valid, self.cursor, self.slot_weight, self.window)
 
     def map(self, fn: Callable[[Tensor], Tensor]) -> None:
         """Apply a conversion to the tensors, keeping the records in :attr:`records`' dtype
@@ -115,13 +106,15 @@ class History:
         probe = fn(torch.zeros((), dtype=self.records.dtype, device=self.records.device))
         dtype = torch.float64 if probe.dtype == torch.float64 else torch.float32
         self.records = self.records.to(probe.device, dtype)
+        self.cursor = self.cursor.to(probe.device)
+        self.slot_weight = self.slot_weight.to(probe.device, dtype)
+        self.window = self.window.to(probe.device, dtype)
         self._make_views()
-        self._weigh()
 
     def state(self) -> dict[str, Tensor]:
         """The named fields and the ring position ``[free, filled, written]`` (checkpoints)."""
         state = {name: getattr(self, name).clone() for name in FIELDS}
-        state['cursor'] = torch.tensor([self.free, self.filled, int(self.written)])
+        state['cursor'] = self.cursor.clone()
         return state
 
     @classmethod
@@ -132,7 +125,26 @@ class History:
                       mean.dtype)
         for name in FIELDS:
             getattr(history, name).copy_(state[name])
-        history.free, history.filled, written = (int(v) for v in state['cursor'])
-        history.written = bool(written)
+        history.cursor.copy_(state['cursor'])
         history._weigh()
         return history
+
+
+def _weigh(valid: Tensor, cursor: Tensor, slot_weight: Tensor, window: Tensor) -> None:
+    """``slot_weight = valid`` except the free slot's 0; ``window = 1 + sum(slot_weight)``
+    (shape ``(1,)``: dynamo drops an in-place copy into a 0-d input, torch 2.13)."""
+    slots = torch.arange(valid.shape[0], device=valid.device)
+    slot_weight.copy_(valid * (slots != cursor[0]))
+    window.copy_(slot_weight.sum(0, keepdim=True) + 1)
+
+
+def _commit(valid: Tensor, cursor: Tensor, slot_weight: Tensor, window: Tensor) -> None:
+    """Advance the ring past a written free slot: ``[free, filled, written] <- [(free + w) %
+    P, min(filled + w, P - 1), 0]`` with ``w = written``, then weigh the slots."""
+    physical = valid.shape[0]
+    written = cursor[2]
+    advanced = torch.stack([(cursor[0] + written) % physical,
+                            (cursor[1] + written).clamp(max=physical - 1),
+                            torch.zeros_like(written)])
+    cursor.copy_(advanced)
+    _weigh(valid, cursor, slot_weight, window)
