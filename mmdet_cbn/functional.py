@@ -454,9 +454,10 @@ def update_running_stats(running_mean: Tensor, running_var: Tensor, window: Tens
     ``window`` is ``(2, C)``: the mean and the biased variance, which enters unbiased,
     ``var * n / (n - 1)`` with ``n = examples`` per channel. Where ``keep`` (0-d, bool or 0/1)
     is false the step is 0 and the buffers stay as they are, without a host sync; ``window``
-    must then be finite (``0 * nan`` is nan).
+    must then be finite (``0 * nan`` is nan). The step is float64 for float64 buffers, else
+    float32 (a bool times a Python float would be a float32 momentum for every dtype).
     """
-    step = keep * factor
+    step = keep.to(stat_dtype(running_mean)) * factor
     running_mean.lerp_(window[0].to(running_mean.dtype), step)
     unbiased = window[1] * (examples / max(examples - 1, 1))
     running_var.lerp_(unbiased.to(running_var.dtype), step)
