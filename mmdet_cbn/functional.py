@@ -326,6 +326,10 @@ class _WindowNormalize(torch.autograd.Function):
                                   w).div_(k)
             if weight is not None and weight.requires_grad:
                 ctx.past, ctx.slot_terms = past, (spread, var_hat, delta)
+        if y.dtype != dtype:
+            # 16-bit y: BN's kernels take the float32 statistics only with float32 affine
+            # parameters (CPU: all of y's dtype or all float32; cuDNN: all of one dtype)
+            gamma, beta = (None if p is None else p.to(dtype) for p in (gamma, beta))
         out = torch.batch_norm(y, gamma, beta, mu_bar, var_bar, False, 0.0, eps, True)
         ctx.save_for_backward(y, gamma, mu_bar, var_bar)
         ctx.eps, ctx.k, ctx.on_backward = eps, k, on_backward

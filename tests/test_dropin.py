@@ -7,7 +7,32 @@ import pytest
 import torch
 from torch import nn
 
-from mmdet_cbn import CrossIterationBatchNorm2d
+from cbn_reference import conv_kwargs, literal_cbn
+from mmdet_cbn import CrossIterationBatchNorm2d, pair_cbn_layers
+
+HALF_DTYPES = [torch.bfloat16, torch.float16]
+
+
+def conv_norm(norm: type, dtype: torch.dtype, **kw) -> nn.Sequential:
+    """A 3x3 conv (with bias) and a norm layer of 6 channels, the same weights for every norm,
+    in ``dtype``; CBN layers paired."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), norm(6, **kw))
+    with torch.no_grad():
+        model[1].weight.uniform_(0.5, 1.5)
+        model[1].bias.uniform_(-0.5, 0.5)
+    model.to(dtype)
+    pair_cbn_layers(model)
+    return model
+
+
+def assert_close_in(dtype: torch.dtype, actual: torch.Tensor, expected: torch.Tensor,
+                    scale: torch.Tensor | None = None) -> None:
+    """Equal to a few units of ``dtype``'s precision relative to ``scale`` (default: the
+    largest ``|expected|``)."""
+    scale = expected.double().abs().max() if scale is None else scale.double()
+    error = (actual.double() - expected.double()).abs().max()
+    assert error <= 4 * torch.finfo(dtype).eps * scale, (error.item(), scale.item())
 
 
 @pytest.mark.parametrize('dtype', [torch.float32, torch.float64])
@@ -24,3 +49,57 @@ def test_running_statistics_move_as_batchnorms(dtype, momentum):
     torch.testing.assert_close(cbn.running_mean, bn.running_mean, **tolerance)
     torch.testing.assert_close(cbn.running_var, bn.running_var, **tolerance)
     assert cbn.num_batches_tracked.item() == bn.num_batches_tracked.item() == 6
+
+
+@pytest.mark.parametrize('dtype', HALF_DTYPES)
+def test_16_bit_model_at_window_1_trains_as_batchnorm(dtype):
+    """``model.to(16-bit)`` trains as BN does, the statistics float32 inside: over SGD steps
+    outputs, gradients and running statistics equal a 16-bit ``BatchNorm2d``'s."""
+    cbn, bn = (conv_norm(norm, dtype, **kw) for norm, kw in (
+        (CrossIterationBatchNorm2d, dict(window_size=1)), (nn.BatchNorm2d, {})))
+    optimizers = [torch.optim.SGD(model.parameters(), lr=0.1) for model in (cbn, bn)]
+    for _ in range(5):
+        x = torch.randn(4, 3, 6, 6).to(dtype)
+        grad = torch.randn(4, 6, 6, 6).to(dtype)
+        outs = []
+        for model, optimizer in zip((cbn, bn), optimizers):
+            optimizer.zero_grad()
+            outs.append(model(x))
+            outs[-1].backward(grad)
+        assert outs[0].dtype == dtype
+        assert_close_in(dtype, outs[0], outs[1])
+        largest = max(p.grad.abs().max() for p in bn.parameters())  # the conv bias's is ~0
+        for p, q in zip(cbn.parameters(), bn.parameters()):
+            assert p.grad.dtype == dtype
+            assert_close_in(dtype, p.grad, q.grad, scale=largest)
+        for optimizer in optimizers:
+            optimizer.step()
+    for name in ('running_mean', 'running_var'):
+        assert getattr(cbn[1], name).dtype == dtype  # the module's buffers, as in BN
+        assert_close_in(dtype, getattr(cbn[1], name), getattr(bn[1], name))
+
+
+@pytest.mark.parametrize('dtype', HALF_DTYPES)
+def test_16_bit_model_at_window_4_trains_as_the_reference(dtype):
+    """A 16-bit model with window 4 trains; each step's output equals the literal reference
+    of Eq. 7-11 in float64 over the stored 16-bit inputs and weights, to 16-bit precision,
+    and the history is float32."""
+    model = conv_norm(CrossIterationBatchNorm2d, dtype, window_size=4)
+    conv, cbn = model
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    past = []
+    for _ in range(6):
+        x = torch.randn(4, 3, 6, 6).to(dtype)
+        weight, bias = conv.weight.detach().double(), conv.bias.detach().double()
+        out = model(x)
+        expected = literal_cbn(conv(x).detach().double(), past[-3:], weight, bias,
+                               conv_kwargs(conv), cbn.weight.detach().double(),
+                               cbn.bias.detach().double(), cbn.eps)
+        assert_close_in(dtype, out, expected)
+        past.append((x.double(), weight, bias))
+        optimizer.zero_grad()
+        (out * torch.randn_like(out)).sum().backward()
+        assert all(p.grad.dtype == dtype and p.grad.isfinite().all() for p in model.parameters())
+        optimizer.step()
+    assert cbn.histories[0].records.dtype == torch.float32 and cbn.histories[0].filled == 3
+    assert cbn.nonfinite_batches.item() == 0
