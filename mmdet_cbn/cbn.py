@@ -104,7 +104,8 @@ class CrossIterationBatchNorm2d(_BatchNorm):
 
     Args:
         num_features: channels ``C`` of the input ``(N, C, H, W)``.
-        eps, momentum, affine, track_running_stats: as in ``torch.nn.BatchNorm2d``.
+        eps, momentum, affine, track_running_stats, bias: as in ``torch.nn.BatchNorm2d``
+            (``bias=False``: an affine scale without shift).
         window_size: iterations aggregated, the current one included (``k``, paper default 4).
         compensation: ``'taylor'`` (CBN) or ``'none'`` (the paper's Naive CBN).
         burnin_iters: the first iterations use window 1; ignored while a hook sets the window
@@ -120,12 +121,12 @@ class CrossIterationBatchNorm2d(_BatchNorm):
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1,
                  affine: bool = True, track_running_stats: bool = True, window_size: int = 4,
                  compensation: str = 'taylor', burnin_iters: int = 0, grad_nu_stride: int = 1,
-                 detach_compensation: bool = False, device=None, dtype=None,
-                 **unknown) -> None:
+                 detach_compensation: bool = False, device=None, dtype=None, *,
+                 bias: bool = True, **unknown) -> None:
         if unknown:
             raise TypeError(_unknown_arguments_message(unknown))
         super().__init__(num_features, eps, momentum, affine, track_running_stats, device,
-                         dtype)
+                         dtype, bias=bias)
         for name, value, low in (('window_size', window_size, 1),
                                  ('burnin_iters', burnin_iters, 0),
                                  ('grad_nu_stride', grad_nu_stride, 1)):
@@ -298,7 +299,9 @@ class CrossIterationBatchNorm2d(_BatchNorm):
     def _empty_forward(self, input: Tensor) -> Tensor:
         if not self.affine:
             return input.clone()
-        out = input * self.weight.view(1, -1, 1, 1) + self.bias.view(1, -1, 1, 1)
+        out = input * self.weight.view(1, -1, 1, 1)
+        if self.bias is not None:
+            out = out + self.bias.view(1, -1, 1, 1)
         if out.requires_grad:
             out.register_hook(lambda grad: self._on_backward())
         return out

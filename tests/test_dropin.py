@@ -3,24 +3,27 @@
 PyTorch's ``BatchNorm2d`` is the reference where CBN's window is 1; the literal reference
 (``cbn_reference.py``) where it is larger.
 """
+import copy
+
 import pytest
 import torch
 from torch import nn
 
 from cbn_reference import conv_kwargs, literal_cbn
-from mmdet_cbn import CrossIterationBatchNorm2d, pair_cbn_layers
+from mmdet_cbn import CrossIterationBatchNorm2d, convert_cbn, pair_cbn_layers
 
 HALF_DTYPES = [torch.bfloat16, torch.float16]
 
 
-def conv_norm(norm: type, dtype: torch.dtype, **kw) -> nn.Sequential:
+def conv_norm(norm: type, dtype: torch.dtype, bias: bool = True, **kw) -> nn.Sequential:
     """A 3x3 conv (with bias) and a norm layer of 6 channels, the same weights for every norm,
     in ``dtype``; CBN layers paired."""
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), norm(6, **kw))
+    model = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), norm(6, bias=bias, **kw))
     with torch.no_grad():
         model[1].weight.uniform_(0.5, 1.5)
-        model[1].bias.uniform_(-0.5, 0.5)
+        if bias:
+            model[1].bias.uniform_(-0.5, 0.5)
     model.to(dtype)
     pair_cbn_layers(model)
     return model
@@ -103,3 +106,91 @@ def test_16_bit_model_at_window_4_trains_as_the_reference(dtype):
         optimizer.step()
     assert cbn.histories[0].records.dtype == torch.float32 and cbn.histories[0].filled == 3
     assert cbn.nonfinite_batches.item() == 0
+
+
+def train_alike(models: list[nn.Module], dtype: torch.dtype, steps: int = 4,
+                shape: tuple[int, ...] = (4, 3, 6, 6)) -> list[list[torch.Tensor]]:
+    """SGD steps of each model on the same inputs and output gradients: the outputs of each
+    step, per model."""
+    optimizers = [torch.optim.SGD([p for p in m.parameters() if p.requires_grad], lr=0.1)
+                  for m in models]
+    outputs = []
+    for _ in range(steps):
+        x = torch.randn(shape).to(dtype)
+        grad = None
+        outs = []
+        for model, optimizer in zip(models, optimizers):
+            optimizer.zero_grad()
+            out = model(x)
+            grad = torch.randn_like(out) if grad is None else grad
+            out.backward(grad)
+            optimizer.step()
+            outs.append(out.detach())
+        outputs.append(outs)
+    return outputs
+
+
+@pytest.mark.parametrize('dtype', [torch.float32, torch.float64])
+def test_bias_false_trains_as_batchnorm(dtype):
+    """``bias=False`` (an affine scale without shift), as in ``BatchNorm2d``: window 1 trains
+    as BN, window 4 as the literal reference with a zero shift; an empty batch passes."""
+    cbn, bn = (conv_norm(norm, dtype, bias=False, **kw) for norm, kw in (
+        (CrossIterationBatchNorm2d, dict(window_size=1)), (nn.BatchNorm2d, {})))
+    assert cbn[1].bias is None and 'bias' not in cbn[1].state_dict()
+    assert 'bias=False' in repr(cbn[1])
+    for cbn_out, bn_out in train_alike([cbn, bn], dtype):
+        torch.testing.assert_close(cbn_out, bn_out)
+    for p, q in zip(cbn.parameters(), bn.parameters()):
+        torch.testing.assert_close(p, q)
+    torch.testing.assert_close(cbn[1].running_var, bn[1].running_var)
+    empty = torch.zeros(0, 6, 4, 4, dtype=dtype, requires_grad=True)
+    assert cbn[1](empty).shape == empty.shape
+
+    model = conv_norm(CrossIterationBatchNorm2d, dtype, bias=False, window_size=4)
+    conv, layer = model
+    past = []
+    for _ in range(5):
+        x = torch.randn(4, 3, 6, 6, dtype=dtype)
+        weight, bias = conv.weight.detach().clone(), conv.bias.detach().clone()
+        out = model(x)
+        expected = literal_cbn(conv(x).detach(), past[-3:], weight, bias, conv_kwargs(conv),
+                               layer.weight.detach(), torch.zeros_like(layer.weight), layer.eps)
+        torch.testing.assert_close(out, expected, **(
+            dict(rtol=1e-9, atol=1e-9) if dtype == torch.float64 else {}))
+        past.append((x, weight, bias))
+        out.backward(torch.randn_like(out))
+        with torch.no_grad():
+            for p in model.parameters():
+                p -= 0.1 * p.grad
+                p.grad = None
+
+
+@pytest.mark.parametrize('dtype', [torch.float64, torch.bfloat16])
+def test_convert_cbn_keeps_dtype_bias_and_requires_grad(dtype):
+    """``convert_cbn`` of a float64 or 16-bit model with a ``bias=False`` BN and a frozen BN
+    weight: the CBN layers have the model's dtype, no bias where BN had none, the frozen
+    weight stays frozen, and at window 1 the model trains as before the conversion."""
+    torch.manual_seed(0)
+    bn_model = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1, bias=False),
+                             nn.BatchNorm2d(6, bias=False), nn.ReLU(),
+                             nn.Conv2d(6, 6, 3, padding=1), nn.BatchNorm2d(6)).to(dtype)
+    bn_model[4].weight.requires_grad_(False)
+    train_alike([bn_model], dtype, steps=2)  # running statistics and weights not at init
+    cbn_model = convert_cbn(copy.deepcopy(bn_model), window_size=1)
+    for index in (1, 4):
+        layer = cbn_model[index]
+        assert isinstance(layer, CrossIterationBatchNorm2d) and layer.paired_conv is not None
+        assert all(t.dtype == dtype for t in (*layer.parameters(), layer.running_mean,
+                                              layer.running_var))
+    assert cbn_model[1].bias is None and cbn_model[4].bias is not None
+    assert not cbn_model[4].weight.requires_grad and cbn_model[4].bias.requires_grad
+    for cbn_out, bn_out in train_alike([cbn_model, bn_model], dtype):
+        if dtype == torch.float64:
+            torch.testing.assert_close(cbn_out, bn_out)
+        else:
+            assert_close_in(dtype, cbn_out, bn_out)
+    for name, buffer in bn_model.state_dict().items():
+        if dtype == torch.float64:
+            torch.testing.assert_close(cbn_model.state_dict()[name], buffer)
+        else:
+            assert_close_in(dtype, cbn_model.state_dict()[name], buffer)
