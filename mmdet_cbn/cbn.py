@@ -1,11 +1,13 @@
 """``CrossIterationBatchNorm2d``: the CBN layer (state, call sites, forward)."""
 from __future__ import annotations
 
+import copy
 import difflib
 import inspect
 import itertools
 import re
 import warnings
+import weakref
 from dataclasses import dataclass, field
 
 import torch
@@ -51,17 +53,34 @@ class _Calls:
 
 
 class _ConvTap:
-    """Forward hook on the conv paired with a CBN layer: hands it the conv's input and output.
+    """Forward hook on the conv paired with a CBN layer: hands the layer the conv's input and
+    output while the layer is in training mode.
 
-    A callable object rather than a closure so that ``copy.deepcopy`` of a model (EMA, model
-    soups) re-targets the hook to the copied CBN layer.
+    It holds the layer weakly and stores nothing for a layer in eval mode, so a conv whose
+    layer is gone holds no activations: ``mmcv.cnn.fuse_conv_bn`` replaces the layer by an
+    ``Identity`` (the layer is freed with its history), ``fuse_conv_bn_eval`` copies the conv.
+    ``copy.deepcopy`` of a model (EMA, model soups) re-targets the hook to the copied layer;
+    pickling keeps it.
     """
 
-    def __init__(self, cbn: 'CrossIterationBatchNorm2d') -> None:
-        self.cbn = cbn
+    def __init__(self, cbn: 'CrossIterationBatchNorm2d | None') -> None:
+        self.cbn = _dead if cbn is None else weakref.ref(cbn)
 
     def __call__(self, conv: nn.Module, inputs: tuple, output: Tensor) -> None:
-        self.cbn._calls.conv_io = (inputs[0], output)
+        cbn = self.cbn()
+        if cbn is not None and cbn.training:
+            cbn._calls.conv_io = (inputs[0], output)
+
+    def __deepcopy__(self, memo: dict) -> '_ConvTap':
+        return _ConvTap(copy.deepcopy(self.cbn(), memo))
+
+    def __reduce__(self) -> tuple:
+        return _ConvTap, (self.cbn(),)
+
+
+def _dead() -> None:
+    """The target of a tap whose layer is gone."""
+    return None
 
 
 class CrossIterationBatchNorm2d(_BatchNorm):

@@ -4,6 +4,9 @@ PyTorch's ``BatchNorm2d`` is the reference where CBN's window is 1; the literal 
 (``cbn_reference.py``) where it is larger.
 """
 import copy
+import gc
+import io
+import weakref
 
 import pytest
 import torch
@@ -194,3 +197,75 @@ def test_convert_cbn_keeps_dtype_bias_and_requires_grad(dtype):
             torch.testing.assert_close(cbn_model.state_dict()[name], buffer)
         else:
             assert_close_in(dtype, cbn_model.state_dict()[name], buffer)
+
+
+def trained_stack(window: int = 3) -> nn.Sequential:
+    """conv, CBN, ReLU, conv, CBN in float64, paired and trained 4 SGD steps."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1),
+                          CrossIterationBatchNorm2d(6, window_size=window), nn.ReLU(),
+                          nn.Conv2d(6, 6, 3, padding=1),
+                          CrossIterationBatchNorm2d(6, window_size=window)).double()
+    pair_cbn_layers(model)
+    train_alike([model], torch.float64)
+    return model
+
+
+def assert_holds_no_input(module: nn.Module, train: bool) -> None:
+    """A call of ``module`` (in train or eval mode) leaves no reference to its input."""
+    module.train(train)
+    x = torch.randn(2, 3, 6, 6, dtype=torch.float64)
+    alive = weakref.ref(x)
+    with torch.no_grad():
+        module(x)
+    del x
+    gc.collect()
+    assert alive() is None
+
+
+def test_fused_convs_hold_no_activations_and_free_the_cbn_layers():
+    """``mmcv.cnn.fuse_conv_bn`` (deploy) folds each CBN layer into its conv and puts an
+    Identity in its place: the layers are freed, history and all, and the fused convs keep no
+    activation of a call, in eval or in train mode."""
+    from mmcv.cnn import fuse_conv_bn
+    model = trained_stack().eval()
+    layers = [weakref.ref(m) for m in model.modules()
+              if isinstance(m, CrossIterationBatchNorm2d)]
+    x = torch.randn(2, 3, 6, 6, dtype=torch.float64)
+    expected = model(x)
+    fused = fuse_conv_bn(model)
+    del model
+    gc.collect()
+    assert all(layer() is None for layer in layers)
+    torch.testing.assert_close(fused(x), expected)
+    for train in (False, True):
+        assert_holds_no_input(fused, train)
+
+
+def test_torch_fused_conv_and_eval_convs_hold_no_activations():
+    """``torch.nn.utils.fusion.fuse_conv_bn_eval`` copies the conv (and its hook): the copy
+    holds no activation; nor does a conv whose CBN is in eval mode, run without the CBN."""
+    model = trained_stack().eval()
+    x = torch.randn(2, 3, 6, 6, dtype=torch.float64)
+    fused = torch.nn.utils.fusion.fuse_conv_bn_eval(model[0], model[1])
+    torch.testing.assert_close(fused(x), model[1](model[0](x)))
+    assert_holds_no_input(fused, train=False)
+    assert_holds_no_input(model[0], train=False)
+
+
+def test_deepcopy_and_pickle_keep_each_copy_paired_with_its_own_conv():
+    """A deep copy (EMA, model soups) and a pickled model (``torch.save(model)``) are paired
+    with their own convs: they train on exactly as the original, which is left alone."""
+    model = trained_stack()
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+    copies = [copy.deepcopy(model), torch.load(buffer, weights_only=False)]
+    for other in copies:
+        for index in (1, 4):
+            assert other[index].paired_conv is other[index - 1]
+    steps = model[1].steps
+    for outs in train_alike([model, *copies], torch.float64):
+        for out in outs[1:]:
+            torch.testing.assert_close(out, outs[0], rtol=0, atol=0)
+    assert model[1].steps == copies[0][1].steps == copies[1][1].steps == steps + 4
