@@ -118,7 +118,8 @@ class CrossIterationBatchNorm2d(_BatchNorm):
     **Running statistics** are updated at every call, as BN does, with ``momentum``, from the
     window's mean and variance, the variance unbiased by ``n / (n - 1)`` with ``n`` the examples
     per channel over the window. A call with non-finite statistics changes neither them nor the
-    history (it counts in ``nonfinite_batches``). History and statistics of the window are
+    history (it counts in ``nonfinite_batches``). :meth:`reset_running_stats` empties the
+    window's history too. History and statistics of the window are
     float32 (float64 for float64 inputs) whatever the input or module dtype.
 
     Args:
@@ -435,6 +436,14 @@ class CrossIterationBatchNorm2d(_BatchNorm):
         self._conv_verified = True
 
     # ------------------------------------------------------------------ state
+    def reset_running_stats(self) -> None:
+        """BN's reset of the running statistics, and the window forgets the past iterations
+        (it refills over the next ``window_size - 1``): no statistic seen before the reset
+        enters a later one, as in BN (``torch.optim.swa_utils.update_bn`` resets, then
+        re-estimates). ``steps`` (the burn-in schedule) and ``nonfinite_batches`` stay."""
+        super().reset_running_stats()
+        self.histories = []
+
     def _apply(self, fn, recurse=True):
         super()._apply(fn, recurse)
         self.nonfinite_batches = fn(self.nonfinite_batches)

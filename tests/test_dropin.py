@@ -269,3 +269,22 @@ def test_deepcopy_and_pickle_keep_each_copy_paired_with_its_own_conv():
         for out in outs[1:]:
             torch.testing.assert_close(out, outs[0], rtol=0, atol=0)
     assert model[1].steps == copies[0][1].steps == copies[1][1].steps == steps + 4
+
+
+def test_reset_running_stats_forgets_the_window_too():
+    """After ``reset_running_stats`` no statistic seen before enters a later one, as in BN: the
+    running statistics are BN's reset values, and the next training step normalizes with its
+    own batch alone and updates the running statistics as a reset ``BatchNorm2d`` does."""
+    model = trained_stack(window=3)
+    conv, cbn = model[0], model[1]
+    assert cbn.histories[0].filled == 2 and cbn.window == 3
+    bn = nn.BatchNorm2d(6).double()
+    bn.load_state_dict(cbn.state_dict(), strict=False)
+    cbn.reset_running_stats()
+    bn.reset_running_stats()
+    assert cbn.histories == [] and cbn.window == 3
+    x = torch.randn(4, 3, 6, 6, dtype=torch.float64)
+    with torch.no_grad():
+        torch.testing.assert_close(cbn(conv(x)), bn(conv(x)))
+    for name in ('running_mean', 'running_var', 'num_batches_tracked'):
+        torch.testing.assert_close(getattr(cbn, name), getattr(bn, name))
