@@ -183,6 +183,13 @@ class CrossIterationBatchNorm2d(_BatchNorm):
                 + (', detach_compensation=True' if self.detach_compensation else ''))
 
     def _check_input_dim(self, input: Tensor) -> None:
+        if isinstance(input, torch.fx.Proxy):  # FX symbolic tracing: no shape to check
+            if self.training:
+                raise RuntimeError(
+                    f'{self.layer_name}: a CBN layer in training mode cannot be FX-traced (its '
+                    'window of past iterations lives in Python). Fix: trace the model in eval '
+                    'mode, where CBN normalizes with the running statistics, as BN does.')
+            return
         if input.dim() != 4:
             raise ValueError(f'{self.layer_name}: expected a 4-d input (N, C, H, W), got '
                              f'{input.dim()}-d')

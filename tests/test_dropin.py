@@ -288,3 +288,18 @@ def test_reset_running_stats_forgets_the_window_too():
         torch.testing.assert_close(cbn(conv(x)), bn(conv(x)))
     for name in ('running_mean', 'running_var', 'num_batches_tracked'):
         torch.testing.assert_close(getattr(cbn, name), getattr(bn, name))
+
+
+def test_eval_model_fx_traces():
+    """``torch.fx.symbolic_trace`` of a model in eval mode records CBN as BN's eval
+    computation with the running statistics: the traced module's outputs equal the model's.
+    A training-mode trace is refused naming the layer and the fix."""
+    model = trained_stack().eval()
+    traced = torch.fx.symbolic_trace(model)
+    assert not any(isinstance(m, CrossIterationBatchNorm2d) for m in traced.modules())
+    for _ in range(2):
+        x = torch.randn(2, 3, 6, 6, dtype=torch.float64)
+        torch.testing.assert_close(traced(x), model(x), rtol=0, atol=0)
+    model.train()
+    with pytest.raises(RuntimeError, match=r"^1: .*training mode.*Fix: trace the model in eval"):
+        torch.fx.symbolic_trace(model)
