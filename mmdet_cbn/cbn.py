@@ -5,6 +5,7 @@ import copy
 import difflib
 import inspect
 import itertools
+import math
 import re
 import warnings
 import weakref
@@ -422,15 +423,33 @@ class CrossIterationBatchNorm2d(_BatchNorm):
             return
         x, y = conv_io
         conv, geometry = self._conv, self._geometry
+        dtype = stat_dtype(y)  # the input's precision, float32 for 16 bits
+        geometry_args = (geometry.stride, geometry.padding, geometry.dilation, geometry.groups)
         with torch.no_grad():
-            expected = F.conv2d(x[:1].float(), conv.weight.float(),
-                                None if conv.bias is None else conv.bias.float(),
-                                geometry.stride, geometry.padding, geometry.dilation,
-                                geometry.groups)
-            got = y[:1].float()
-            tolerance = {torch.float64: 1e-6, torch.float32: 1e-3}.get(y.dtype, 3e-2)
-            same = expected.shape == got.shape and bool(
-                (expected - got).abs().max() <= tolerance * (got.abs().max() + 1e-6))
+            image, weight = x[:1].to(dtype), conv.weight.to(dtype)
+            bias = None if conv.bias is None else conv.bias.to(dtype)
+            expected = F.conv2d(image, weight, bias, *geometry_args)
+            got = y[:1].to(dtype)
+            same = expected.shape == got.shape
+            if same:
+                # An output is a sum of D products and the bias; summed in any order with unit
+                # roundoff u it is within lambda sqrt(D) u S of the exact value, S = sum |x W|
+                # + |b|, but for a probability below 2 exp(-lambda^2 / 2) (Higham and Mary,
+                # SIAM J. Sci. Comput. 41(5), 2019). lambda = 32 leaves room for fast
+                # algorithms (Winograd, FFT), whose errors spread over the positions: hence
+                # the largest S of the image. CUDA float32 convs may run in TF32, which rounds
+                # x and W to 10 bits (2^-10 S more); a 16-bit y is rounded to its dtype (by at
+                # most eps |y| / 2; eps |y| allowed). The tolerance is twice that bound, as
+                # `expected` and `got` both err; a conv that transforms its weight or input is
+                # off by about |y| or more.
+                magnitude = F.conv2d(image.abs(), weight.abs(),
+                                     None if bias is None else bias.abs(), *geometry_args)
+                relative = 32 * math.sqrt(geometry.depth) * torch.finfo(dtype).eps / 2
+                if y.is_cuda and y.dtype == torch.float32:
+                    relative += 2 ** -10
+                tolerance = 2 * (relative * magnitude.amax()
+                                 + torch.finfo(y.dtype).eps * got.abs().amax())
+                same = bool((expected - got).abs().amax() <= tolerance)
         if not same:
             raise RuntimeError(
                 f"CBN layer '{self.layer_name}' follows {type(conv).__name__} "

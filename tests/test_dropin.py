@@ -10,6 +10,7 @@ import weakref
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from cbn_reference import conv_kwargs, literal_cbn
@@ -303,3 +304,99 @@ def test_eval_model_fx_traces():
     model.train()
     with pytest.raises(RuntimeError, match=r"^1: .*training mode.*Fix: trace the model in eval"):
         torch.fx.symbolic_trace(model)
+
+
+class PadInForward(nn.Conv2d):
+    """A conv whose forward pads its input (right and bottom): its output has the shape of
+    its ``padding``'s, the values shifted."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        total = 2 * self.padding[0]
+        return F.conv2d(F.pad(x, (0, total, 0, total)), self.weight, self.bias, self.stride,
+                        0, self.dilation, self.groups)
+
+
+def _transforming_conv(name: str) -> nn.Module:
+    from mmcv.cnn import ConvAWS2d, ConvWS2d
+    from mmcv.cnn.bricks import Conv2dAdaptivePadding
+    from mmcv.ops import SAConv2d
+    return {'ConvWS2d': lambda: ConvWS2d(16, 8, 3, padding=1),
+            'ConvAWS2d': lambda: ConvAWS2d(16, 8, 3, padding=1),
+            'SAConv2d': lambda: SAConv2d(16, 8, 3, padding=1, use_deform=False),
+            'Conv2dAdaptivePadding': lambda: Conv2dAdaptivePadding(16, 8, 3, stride=2),
+            'PadInForward': lambda: PadInForward(16, 8, 3, padding=1)}[name]()
+
+
+def conv_check_model(conv: nn.Module, dtype: torch.dtype, weight_scale: float) -> nn.Sequential:
+    """``conv`` (its weight and bias scaled) and a window-2 CBN: the conv check runs at the
+    first call."""
+    out_channels = [m for m in conv.modules() if isinstance(m, nn.Conv2d)][-1].out_channels
+    with torch.no_grad():
+        for name, parameter in conv.named_parameters():
+            if name.endswith(('weight', 'bias')):
+                parameter.mul_(weight_scale)
+    model = nn.Sequential(conv, CrossIterationBatchNorm2d(out_channels, window_size=2)).to(dtype)
+    pair_cbn_layers(model)
+    return model
+
+
+CHECK_DTYPES = [torch.float64, torch.float32, torch.bfloat16]
+SCALES = (1e-3, 1.0, 1e3)
+
+
+@pytest.mark.parametrize('dtype', CHECK_DTYPES)
+def test_conv_check_accepts_plain_convs_at_any_magnitude(dtype):
+    """Plain convs (also a wide one, grouped / strided / dilated ones, and one after mmcv's
+    ``AdaptivePadding`` module, whose padded map is the conv's input) pass the conv check
+    with inputs and weights scaled by 1e-3 to 1e3, and train."""
+    from mmcv.cnn.bricks.transformer import AdaptivePadding
+    convs = [lambda: nn.Conv2d(16, 8, 3, padding=1),
+             lambda: nn.Conv2d(256, 8, 3, padding=1),
+             lambda: nn.Conv2d(32, 8, 3, padding=2, groups=4, stride=2, dilation=2),
+             lambda: nn.Sequential(AdaptivePadding(kernel_size=3, stride=2),
+                                   nn.Conv2d(16, 8, 3, stride=2))]
+    for make in convs:
+        for x_scale in SCALES:
+            for weight_scale in SCALES:
+                model = conv_check_model(make(), dtype, weight_scale)
+                in_channels = next(m for m in model.modules()
+                                   if isinstance(m, nn.Conv2d)).in_channels
+                for _ in range(2):
+                    x = torch.randn(2, in_channels, 9, 9).mul(x_scale).to(dtype)
+                    model(x).float().square().mean().backward()
+                assert model[1].steps == 2
+
+
+@pytest.mark.parametrize('dtype', CHECK_DTYPES)
+@pytest.mark.parametrize('name', ['ConvWS2d', 'ConvAWS2d', 'SAConv2d', 'Conv2dAdaptivePadding',
+                                  'PadInForward'])
+def test_conv_check_refuses_convs_that_transform_weight_or_input(name, dtype):
+    """Weight standardization (mmcv's ConvWS2d, ConvAWS2d, SAConv2d) and padding inside
+    forward (mmcv's Conv2dAdaptivePadding, a conv that pads) are refused at any magnitude,
+    naming the conv and the fix, before any state changes."""
+    for scale in (1e-3, 1e3):
+        model = conv_check_model(_transforming_conv(name), dtype, scale)
+        with pytest.raises(RuntimeError, match=f"{name}.*compensation='none'"):
+            model(torch.randn(2, 16, 9, 9).mul(scale).to(dtype))
+        assert model[1].steps == 0 and model[1].num_batches_tracked.item() == 0
+
+
+@pytest.mark.parametrize('with_cp', [False, True])
+def test_float64_mmdet_resnet18_passes_the_conv_check(with_cp):
+    """An mmdet ResNet-18 (64 base channels: convs up to D = 256 * 9 at ``layer3``) with CBN
+    everywhere trains in float64, with and without ``with_cp``."""
+    from mmdet.registry import MODELS
+    from mmdet.utils import register_all_modules
+    register_all_modules(init_default_scope=False)
+    model = MODELS.build(dict(type='mmdet.ResNet', depth=18, with_cp=with_cp,
+                              norm_cfg=dict(type='CBN', window_size=2), norm_eval=False,
+                              frozen_stages=-1)).double()
+    pair_cbn_layers(model)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    for _ in range(2):
+        optimizer.zero_grad()
+        outs = model(torch.randn(2, 3, 64, 64, dtype=torch.float64))
+        sum(out.square().mean() for out in outs).backward()
+        optimizer.step()
+    layers = [m for m in model.modules() if isinstance(m, CrossIterationBatchNorm2d)]
+    assert len(layers) == 20 and all(m.steps == 2 for m in layers)
