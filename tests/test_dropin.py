@@ -306,6 +306,26 @@ def test_eval_model_fx_traces():
         torch.fx.symbolic_trace(model)
 
 
+
+def test_eval_mmdet_resnet18_fx_traces_as_with_bn():
+    """An mmdet ResNet-18 backbone with CBN traces in eval mode as with BN (``with_cp=False``:
+    with it mmdet's block branches on ``x.requires_grad``, BN or not); every output equals
+    the backbone's."""
+    from mmdet.registry import MODELS
+    from mmdet.utils import register_all_modules
+    register_all_modules(init_default_scope=False)
+    model = MODELS.build(dict(type='mmdet.ResNet', depth=18, base_channels=8,
+                              norm_cfg=dict(type='CBN', window_size=2), norm_eval=False,
+                              frozen_stages=-1)).double()
+    pair_cbn_layers(model)
+    for _ in range(3):
+        sum(out.mean() for out in model(torch.randn(2, 3, 32, 32, dtype=torch.float64))).backward()
+    model.eval()
+    traced = torch.fx.symbolic_trace(model)
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    for got, expected in zip(traced(x), model(x), strict=True):
+        torch.testing.assert_close(got, expected, rtol=0, atol=0)
+
 class PadInForward(nn.Conv2d):
     """A conv whose forward pads its input (right and bottom): its output has the shape of
     its ``padding``'s, the values shifted."""
