@@ -6,7 +6,12 @@ PyTorch's ``BatchNorm2d`` is the reference where CBN's window is 1; the literal 
 import copy
 import gc
 import io
+import os
+import re
+import subprocess
+import sys
 import weakref
+from pathlib import Path
 
 import pytest
 import torch
@@ -17,6 +22,7 @@ from cbn_reference import conv_kwargs, literal_cbn
 from mmdet_cbn import CrossIterationBatchNorm2d, convert_cbn, pair_cbn_layers
 
 HALF_DTYPES = [torch.bfloat16, torch.float16]
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def conv_norm(norm: type, dtype: torch.dtype, bias: bool = True, **kw) -> nn.Sequential:
@@ -420,3 +426,45 @@ def test_float64_mmdet_resnet18_passes_the_conv_check(with_cp):
         optimizer.step()
     layers = [m for m in model.modules() if isinstance(m, CrossIterationBatchNorm2d)]
     assert len(layers) == 20 and all(m.steps == 2 for m in layers)
+
+
+def two_processes(*command: str, port: int) -> subprocess.CompletedProcess:
+    """``command`` run as 2 gloo processes (torchrun, or ``tools/dist_train.sh`` with its own
+    launch) from the repository root with this checkout first on the path."""
+    env = dict(os.environ, OMP_NUM_THREADS='1', PORT=str(port),
+               PYTHONPATH=os.pathsep.join([str(ROOT / 'tests'), str(ROOT)]))
+    if command[0].endswith('.sh'):
+        args = ['bash', *command]
+    else:
+        args = [sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node', '2',
+                '--master_port', str(port), *command]
+    return subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+
+
+SYNC_BN_ERROR = (r"sync_bn='torch' is set in the config: .*converts every _BatchNorm .*CBN "
+                 r'layers included.*Fix: remove sync_bn from the config')
+
+
+def test_distributed_run_with_sync_bn_stops_before_training(tmp_path):
+    """2 gloo processes, ``sync_bn='torch'``: mmengine's Runner converts the CBN layers to
+    SyncBatchNorm; ``CBNBurnInHook`` stops the run before training with the cause and the fix
+    (with a wrapper that lets SyncBN past DDP on CPU modules, as GPUs do)."""
+    proc = two_processes(str(ROOT / 'tests' / 'sync_bn_probe.py'), str(tmp_path), port=29641)
+    output = proc.stdout + proc.stderr
+    assert proc.returncode != 0
+    assert 'CBNBurnInHook is configured but the model has no CBN layer' in output, output[-3000:]
+    assert re.search(SYNC_BN_ERROR, output)
+    assert 'SyncBatchNorm expected input tensor' not in output  # no training step ran
+
+
+def test_dist_train_with_sync_bn_stops_before_the_runner(tmp_path):
+    """``tools/dist_train.sh CONFIG 2 --cfg-options sync_bn=torch`` with a CBN config on CPU:
+    each rank stops with the cause and the fix before the Runner is built (whose DDP wrapper
+    would otherwise fail first with "SyncBatchNorm layers only work with GPU modules")."""
+    config = ROOT / 'configs/cbn/faster-rcnn_r50_fpn_4conv1fc-cbn-head_1x_coco.py'
+    proc = two_processes('tools/dist_train.sh', str(config), '2', '--work-dir', str(tmp_path),
+                         '--cfg-options', 'sync_bn=torch', port=29643)
+    output = proc.stdout + proc.stderr
+    assert proc.returncode != 0
+    assert re.search('The config builds CBN layers, but ' + SYNC_BN_ERROR, output), output[-3000:]
+    assert 'only work with GPU modules' not in output
