@@ -4,6 +4,7 @@ from __future__ import annotations
 import difflib
 import inspect
 import itertools
+import math
 import re
 import warnings
 
@@ -82,12 +83,14 @@ class CrossIterationBatchNorm2d(_BatchNorm):
     **Running statistics** are updated at every call, as BN does, with ``momentum``, from the
     window's mean and variance, the variance unbiased by ``n / (n - 1)`` with ``n`` the examples
     per channel over the window. A call with non-finite statistics changes neither them nor the
-    history (it counts in ``nonfinite_batches``). History and statistics of the window are
+    history (it counts in ``nonfinite_batches``). :meth:`reset_running_stats` empties the
+    window's history too. History and statistics of the window are
     float32 (float64 for float64 inputs) whatever the input or module dtype.
 
     Args:
         num_features: channels ``C`` of the input ``(N, C, H, W)``.
-        eps, momentum, affine, track_running_stats: as in ``torch.nn.BatchNorm2d``.
+        eps, momentum, affine, track_running_stats, bias: as in ``torch.nn.BatchNorm2d``
+            (``bias=False``: an affine scale without shift).
         window_size: iterations aggregated, the current one included (``k``, paper default 4).
         compensation: ``'taylor'`` (CBN) or ``'none'`` (the paper's Naive CBN).
         burnin_iters: the first iterations use window 1 (their records stay out of the
@@ -106,11 +109,11 @@ class CrossIterationBatchNorm2d(_BatchNorm):
                  affine: bool = True, track_running_stats: bool = True, window_size: int = 4,
                  compensation: str = 'taylor', burnin_iters: int = 0, grad_nu_stride: int = 1,
                  detach_compensation: bool = False, fused: bool | None = None, device=None,
-                 dtype=None, **unknown) -> None:
+                 dtype=None, *, bias: bool = True, **unknown) -> None:
         if unknown:
             raise TypeError(_unknown_arguments_message(unknown))
         super().__init__(num_features, eps, momentum, affine, track_running_stats, device,
-                         dtype)
+                         dtype, bias=bias)
         for name, value, low in (('window_size', window_size, 1),
                                  ('burnin_iters', burnin_iters, 0),
                                  ('grad_nu_stride', grad_nu_stride, 1)):
@@ -152,6 +155,13 @@ class CrossIterationBatchNorm2d(_BatchNorm):
                 + (f', fused={self.fused}' if self.fused is not None else ''))
 
     def _check_input_dim(self, input: Tensor) -> None:
+        if isinstance(input, torch.fx.Proxy):  # FX symbolic tracing: no shape to check
+            if self.training:
+                raise RuntimeError(
+                    f'{self.layer_name}: a CBN layer in training mode cannot be FX-traced (its '
+                    'window of past iterations lives in Python). Fix: trace the model in eval '
+                    'mode, where CBN normalizes with the running statistics, as BN does.')
+            return
         if input.dim() != 4:
             raise ValueError(f'{self.layer_name}: expected a 4-d input (N, C, H, W), got '
                              f'{input.dim()}-d')
@@ -281,7 +291,8 @@ class CrossIterationBatchNorm2d(_BatchNorm):
     def _empty_forward(self, input: Tensor) -> Tensor:
         if not self.affine:
             return input.clone()
-        return input * self.weight.view(1, -1, 1, 1) + self.bias.view(1, -1, 1, 1)
+        out = input * self.weight.view(1, -1, 1, 1)
+        return out if self.bias is None else out + self.bias.view(1, -1, 1, 1)
 
     def _history(self, site: int, window: int, input: Tensor) -> History:
         taylor = self.compensation == 'taylor'
@@ -363,15 +374,34 @@ class CrossIterationBatchNorm2d(_BatchNorm):
             return
         x, y = conv_io
         conv, geometry = self._conv, self._geometry
+        dtype = stat_dtype(y)  # the input's precision, float32 for 16 bits
+        geometry_args = (geometry.stride, geometry.padding, geometry.dilation, geometry.groups)
         with torch.no_grad():
-            expected = F.conv2d(x[:1].float(), conv.weight.float(),
-                                None if conv.bias is None else conv.bias.float(),
-                                geometry.stride, geometry.padding, geometry.dilation,
-                                geometry.groups)
-            got = y[:1].float()
-            tolerance = {torch.float64: 1e-6, torch.float32: 1e-3}.get(y.dtype, 3e-2)
-            same = expected.shape == got.shape and bool(
-                (expected - got).abs().max() <= tolerance * (got.abs().max() + 1e-6))
+            image, weight = x[:1].to(dtype), conv.weight.to(dtype)
+            bias = None if conv.bias is None else conv.bias.to(dtype)
+            expected = F.conv2d(image, weight, bias, *geometry_args)
+            got = y[:1].to(dtype)
+            same = expected.shape == got.shape
+            if same:
+                # An output is a sum of D products and the bias; summed in any order with unit
+                # roundoff u it is within lambda sqrt(D) u S of the exact value, S = sum |x W|
+                # + |b|, but for a probability below 2 exp(-lambda^2 / 2) (Higham and Mary,
+                # SIAM J. Sci. Comput. 41(5), 2019). lambda = 32 leaves room for fast
+                # algorithms (Winograd, FFT), whose errors spread over the positions: hence
+                # the largest S of the image. CUDA float32 convs may run in TF32, which rounds
+                # x and W to 10 bits (2^-10 S more); a 16-bit y is rounded to its dtype (by at
+                # most eps |y| / 2; eps |y| allowed). The tolerance is twice that bound, as
+                # `expected` and `got` both err; a conv that transforms its weight or input is
+                # off by about |y| or more.
+                magnitude = F.conv2d(image.abs(), weight.abs(),
+                                     None if bias is None else bias.abs(), *geometry_args)
+                depth = geometry.depth(conv.in_channels)
+                relative = 32 * math.sqrt(depth) * torch.finfo(dtype).eps / 2
+                if y.is_cuda and y.dtype == torch.float32:
+                    relative += 2 ** -10
+                tolerance = 2 * (relative * magnitude.amax()
+                                 + torch.finfo(y.dtype).eps * got.abs().amax())
+                same = bool((expected - got).abs().amax() <= tolerance)
         if not same:
             raise RuntimeError(
                 f"CBN layer '{self.layer_name}' follows {type(conv).__name__} "
@@ -384,6 +414,14 @@ class CrossIterationBatchNorm2d(_BatchNorm):
         self._conv_verified = True
 
     # ------------------------------------------------------------------ state
+    def reset_running_stats(self) -> None:
+        """BN's reset of the running statistics, and the window forgets the past iterations
+        (it refills over the next ``window_size - 1``): no statistic seen before the reset
+        enters a later one, as in BN (``torch.optim.swa_utils.update_bn`` resets, then
+        re-estimates). ``steps`` (the burn-in schedule) and ``nonfinite_batches`` stay."""
+        super().reset_running_stats()
+        self.histories = []
+
     def _apply(self, fn, recurse=True):
         super()._apply(fn, recurse)
         self.iterations = fn(self.iterations)

@@ -42,6 +42,8 @@ import torch.distributed as dist
 from mmengine.config import Config
 from mmengine.logging import HistoryBuffer
 
+from .hooks import check_sync_bn
+
 _REFUSED_NOTE = (
     'mmdet_cbn.compat.runner_checkpoint_globals() lets torch load with weights_only=True '
     'what mmengine Runner checkpoints hold, and nothing else. Load only checkpoints you '
@@ -143,6 +145,9 @@ def end_distributed_process() -> None:
 def run_mmdet_tool(name: str) -> None:
     """Run mmdet's own ``tools/<name>.py`` on ``sys.argv`` with the fixes above.
 
+    A distributed training config with CBN and ``sync_bn`` is refused first
+    (:func:`mmdet_cbn.hooks.check_sync_bn`).
+
     mmdet's wheel ships its tools under ``mmdet/.mim/tools``. For a ``pytorch``-launcher
     run without CUDA the wrapper settings of :func:`setup_cpu_distributed` reach mmdet's
     script as ``--cfg-options``.
@@ -154,15 +159,18 @@ def run_mmdet_tool(name: str) -> None:
     tool = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(tool)
     args = tool.parse_args()
-    if args.launcher == 'pytorch' and not torch.cuda.is_available():
+    if args.launcher != 'none':
         cfg = Config.fromfile(args.config)
         cfg.merge_from_dict(args.cfg_options or {})
         own_wrapper = cfg.get('model_wrapper_cfg') is not None
         cfg.launcher = args.launcher
-        setup_cpu_distributed(cfg)
-        if not own_wrapper:
-            sys.argv += ['--cfg-options', *(f'model_wrapper_cfg.{key}={value}'
-                                            for key, value in cfg.model_wrapper_cfg.items())]
+        if name == 'train':
+            check_sync_bn(cfg)
+        if args.launcher == 'pytorch' and not torch.cuda.is_available():
+            setup_cpu_distributed(cfg)
+            if not own_wrapper:
+                sys.argv += ['--cfg-options', *(f'model_wrapper_cfg.{key}={value}'
+                                                for key, value in cfg.model_wrapper_cfg.items())]
     with runner_checkpoint_globals():
         tool.main()
     end_distributed_process()

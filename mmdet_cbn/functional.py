@@ -313,6 +313,10 @@ class _WindowNormalize(torch.autograd.Function):
                                   w).div_(k)
             if weight is not None and weight.requires_grad:
                 ctx.past, ctx.slot_terms = past, (spread, var_hat, delta)
+        if y.dtype != dtype:
+            # 16-bit y: BN's kernels take the float32 statistics only with float32 affine
+            # parameters (CPU: all of y's dtype or all float32; cuDNN: all of one dtype)
+            gamma, beta = (None if p is None else p.to(dtype) for p in (gamma, beta))
         out = torch.batch_norm(y, gamma, beta, mu_bar, var_bar, False, 0.0, eps, True)
         ctx.save_for_backward(y, gamma, mu_bar, var_bar)
         ctx.eps, ctx.k = eps, k
@@ -439,9 +443,10 @@ def update_running_stats(running_mean: Tensor, running_var: Tensor, window: Tens
     ``window`` is ``(2, C)``: the mean and the biased variance, which enters unbiased,
     ``var * n / (n - 1)`` with ``n = examples`` per channel. Where ``keep`` (0-d, bool or 0/1)
     is false the step is 0 and the buffers stay as they are, without a host sync; ``window``
-    must then be finite (``0 * nan`` is nan).
+    must then be finite (``0 * nan`` is nan). The step is float64 for float64 buffers, else
+    float32 (a bool times a Python float would be a float32 momentum for every dtype).
     """
-    step = keep * factor
+    step = keep.to(stat_dtype(running_mean)) * factor
     running_mean.lerp_(window[0].to(running_mean.dtype), step)
     unbiased = window[1] * (examples / (examples - 1).clamp(min=1) if isinstance(
         examples, Tensor) else examples / max(examples - 1, 1))

@@ -7,16 +7,58 @@ from mmengine.hooks import CheckpointHook, Hook
 from mmengine.model import is_model_wrapper
 from mmengine.runner import EpochBasedTrainLoop
 
+from .cbn import CrossIterationBatchNorm2d
 from .pairing import cbn_layers, pair_cbn_layers
 
-__all__ = ['CBNBurnInHook']
+__all__ = ['CBNBurnInHook', 'check_sync_bn']
+
+_CBN_TYPES = ('CBN', 'CrossIterationBatchNorm2d', CrossIterationBatchNorm2d, 'CBNBurnInHook')
+
+
+def _sync_bn_message(sync_bn: object) -> str:
+    return (f"sync_bn={sync_bn!r} is set in the config: in a distributed run mmengine's Runner "
+            'converts every _BatchNorm of the model to SyncBatchNorm '
+            '(mmengine.model.convert_sync_batchnorm), CBN layers included, so the run would '
+            'train SyncBN instead of CBN. Fix: remove sync_bn from the config (CBN aggregates '
+            'iterations, each GPU its own; a synchronized CBN is not available yet).')
+
+
+def _mentions_cbn(node: object) -> bool:
+    """Whether a config node builds a CBN layer or the CBN hook anywhere inside."""
+    if isinstance(node, dict):
+        return node.get('type') in _CBN_TYPES or any(map(_mentions_cbn, node.values()))
+    if isinstance(node, (list, tuple)):
+        return any(map(_mentions_cbn, node))
+    return False
+
+
+def check_sync_bn(cfg) -> None:
+    """Refuse a distributed config with CBN layers or ``CBNBurnInHook`` and ``sync_bn``,
+    before the Runner is built (``tools/train.py`` calls it).
+
+    The Runner would replace every CBN layer by SyncBatchNorm, then, on CPU modules, stop
+    with DDP's "SyncBatchNorm layers only work with GPU modules", which does not say why;
+    on GPUs ``CBNBurnInHook`` stops the run before training.
+
+    Args:
+        cfg: an mmengine ``Config`` with its ``launcher`` set.
+
+    Raises:
+        RuntimeError: naming the cause and the fix.
+    """
+    if cfg.get('sync_bn') is None or cfg.get('launcher', 'none') == 'none':
+        return
+    if _mentions_cbn(cfg.get('model')) or _mentions_cbn(cfg.get('custom_hooks')):
+        raise RuntimeError(f'The config builds CBN layers, but {_sync_bn_message(cfg.sync_bn)}')
 
 
 class CBNBurnInHook(Hook):
     """Window 1 (plain BN) for the first epochs or iterations, then each layer's ``window_size``.
 
     Before training it pairs every CBN layer of the model with the conv that feeds it, logs how
-    many were paired, and fails with the list of unpaired layers if any. Before every training
+    many were paired, and fails with the list of unpaired layers if any, or if the model has
+    no CBN layer (``sync_bn`` in the config replaces them all in a distributed run: the error
+    says so). Before every training
     iteration it marks a new iteration on every CBN layer (so layers called several times per
     iteration, or under gradient accumulation, count iterations exactly) and sets the window
     from ``runner.epoch`` / ``runner.iter``, so a resumed run continues with the right window;
@@ -63,11 +105,18 @@ class CBNBurnInHook(Hook):
             self.burnin_epochs = None
         model = self._model(runner)
         layers = cbn_layers(model)
+        sync_bn = runner.cfg.get('sync_bn') if runner.cfg else None
+        if not layers:
+            raise RuntimeError(
+                'CBNBurnInHook is configured but the model has no CBN layer. '
+                + (f'The cause: {_sync_bn_message(sync_bn)}' if sync_bn is not None else
+                   "Fix: norm_cfg=dict(type='CBN', ...) where the model should use CBN, or "
+                   'remove CBNBurnInHook from custom_hooks.'))
+        if sync_bn is not None:  # a run without a launcher ignores sync_bn
+            runner.logger.warning(f'CBNBurnInHook: {_sync_bn_message(sync_bn)}')
         pairs = pair_cbn_layers(model)
         runner.logger.info(f'CBN: {len(pairs)} of {len(layers)} CBN layers paired with the conv '
                            f'that feeds them')
-        if not layers:
-            runner.logger.warning('CBNBurnInHook: the model has no CBN layer')
 
     def in_burnin(self, epoch: int, iteration: int) -> bool:
         """Whether the (0-based) epoch / iteration is in the burn-in period."""

@@ -7,7 +7,9 @@ changes from one iteration to the next (the iteration count, the rings) lives in
 """
 from __future__ import annotations
 
+import copy
 import warnings
+import weakref
 
 import torch
 from torch import Tensor, nn
@@ -18,29 +20,46 @@ MANY_CALL_SITES = 64  # per iteration: more is probably a loop without backward
 
 
 class ConvTap:
-    """Forward hook on the conv paired with a CBN layer: hands it the conv's input and output.
+    """Forward hook on the conv paired with a CBN layer: hands the layer the conv's input and
+    output while the layer is in training mode.
 
-    A callable object rather than a closure so that ``copy.deepcopy`` of a model (EMA, model
-    soups) re-targets the hook to the copied CBN layer.
+    It holds the layer weakly and stores nothing for a layer in eval mode, so a conv whose
+    layer is gone holds no activations: ``mmcv.cnn.fuse_conv_bn`` replaces the layer by an
+    ``Identity`` (the layer is freed with its history), ``fuse_conv_bn_eval`` copies the conv.
+    ``copy.deepcopy`` of a model (EMA, model soups) re-targets the hook to the copied layer;
+    pickling keeps it.
     """
 
-    def __init__(self, cbn: nn.Module) -> None:
-        self.cbn = cbn
+    def __init__(self, cbn: nn.Module | None) -> None:
+        self.cbn = _dead if cbn is None else weakref.ref(cbn)
 
     def __call__(self, conv: nn.Module, inputs: tuple, output: Tensor) -> None:
-        self.cbn._call_sites.conv_io = (inputs[0], output)
+        cbn = self.cbn()
+        if cbn is not None and cbn.training:
+            cbn._call_sites.conv_io = (inputs[0], output)
+
+    def __deepcopy__(self, memo: dict) -> 'ConvTap':
+        return type(self)(copy.deepcopy(self.cbn(), memo))
+
+    def __reduce__(self) -> tuple:
+        return type(self), (self.cbn(),)
 
 
-class BackwardTap:
+class BackwardTap(ConvTap):
     """Gradient hook on the parameters of a CBN layer and its conv: a backward pass through
     the layer ends its iteration. Hooks on leaf parameters run outside compiled graphs, so
-    this works the same in eager and compiled models."""
-
-    def __init__(self, cbn: nn.Module) -> None:
-        self.cbn = cbn
+    this works the same in eager and compiled models. Holds the layer weakly, as
+    :class:`ConvTap`."""
 
     def __call__(self, grad: Tensor) -> None:
-        self.cbn._iteration_ended()
+        cbn = self.cbn()
+        if cbn is not None:
+            cbn._iteration_ended()
+
+
+def _dead() -> None:
+    """The target of a tap whose layer is gone."""
+    return None
 
 
 def watch_backward(cbn: nn.Module, params: list[nn.Parameter | None]) -> None:
@@ -50,7 +69,7 @@ def watch_backward(cbn: nn.Module, params: list[nn.Parameter | None]) -> None:
         if param is None or not param.requires_grad:
             continue
         hooks = param._backward_hooks or {}
-        if not any(isinstance(h, BackwardTap) and h.cbn is cbn for h in hooks.values()):
+        if not any(isinstance(h, BackwardTap) and h.cbn() is cbn for h in hooks.values()):
             param.register_hook(BackwardTap(cbn))
 
 

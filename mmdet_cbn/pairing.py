@@ -71,10 +71,10 @@ def convert_cbn(module: nn.Module, window_size: int = 4, compensation: str = 'ta
                 burnin_iters: int = 0, **kwargs) -> nn.Module:
     """Replace every ``BatchNorm2d`` of ``module`` by CBN and pair the new layers.
 
-    Like ``torch.nn.SyncBatchNorm.convert_sync_batchnorm``: parameters, running statistics
-    and ``requires_grad`` carry over; the input module is changed in place and returned (or
-    the new layer, when ``module`` itself is a BatchNorm2d). Extra keyword arguments go to
-    :class:`CrossIterationBatchNorm2d`.
+    Like ``torch.nn.SyncBatchNorm.convert_sync_batchnorm``: parameters (``bias=False``
+    included), running statistics, ``requires_grad``, device and dtype carry over; the input
+    module is changed in place and returned (or the new layer, when ``module`` itself is a
+    BatchNorm2d). Extra keyword arguments go to :class:`CrossIterationBatchNorm2d`.
     """
     converted = _convert(module, dict(window_size=window_size, compensation=compensation,
                                       burnin_iters=burnin_iters, **kwargs))
@@ -85,15 +85,16 @@ def convert_cbn(module: nn.Module, window_size: int = 4, compensation: str = 'ta
 
 def _convert(module: nn.Module, cbn_kwargs: dict) -> nn.Module:
     if isinstance(module, nn.BatchNorm2d) and not isinstance(module, CrossIterationBatchNorm2d):
-        tensors = [*module.parameters(), *module.buffers()]
+        # the device and dtype of the layer's parameters, else of its running statistics
+        floats = [t for t in (*module.parameters(), *module.buffers()) if t.is_floating_point()]
         new = CrossIterationBatchNorm2d(module.num_features, module.eps, module.momentum,
                                         module.affine, module.track_running_stats,
-                                        device=tensors[0].device if tensors else None,
-                                        **cbn_kwargs)
+                                        device=floats[0].device if floats else None,
+                                        dtype=floats[0].dtype if floats else None,
+                                        bias=module.bias is not None, **cbn_kwargs)
         new.load_state_dict(module.state_dict(), strict=False)
-        if module.affine:
-            new.weight.requires_grad_(module.weight.requires_grad)
-            new.bias.requires_grad_(module.bias.requires_grad)
+        for name, parameter in module.named_parameters(recurse=False):
+            getattr(new, name).requires_grad_(parameter.requires_grad)
         new.train(module.training)
         return new
     for name, child in module.named_children():

@@ -3,12 +3,14 @@ import logging
 
 import pytest
 import torch
-from mmengine.model import BaseModel
+from mmengine.config import Config
+from mmengine.model import BaseModel, convert_sync_batchnorm
 from mmengine.runner import Runner
 from torch import nn
 from torch.utils.data import Dataset
 
 from mmdet_cbn import CBNBurnInHook, CrossIterationBatchNorm2d
+from mmdet_cbn.hooks import check_sync_bn
 
 WINDOW = 3
 
@@ -38,9 +40,9 @@ class ToyData(Dataset):
         return dict(inputs=torch.randn(3, 6, 6, generator=g), targets=torch.tensor(float(i)))
 
 
-def run(tmp_path, model, train_cfg, hook):
+def run(tmp_path, model, train_cfg, hook, **runner_kwargs):
     runner = Runner(
-        model=model, work_dir=str(tmp_path),
+        model=model, work_dir=str(tmp_path), **runner_kwargs,
         train_dataloader=dict(dataset=ToyData(), batch_size=2,
                               sampler=dict(type='DefaultSampler', shuffle=False),
                               collate_fn=dict(type='default_collate')),
@@ -84,3 +86,49 @@ def test_hook_arguments_are_checked():
         CBNBurnInHook()
     with pytest.raises(ValueError, match='>= 0'):
         CBNBurnInHook(burnin_epochs=-1)
+
+
+def test_hook_refuses_a_model_without_cbn_layers(tmp_path):
+    model = ToyNet()
+    model.norm = nn.BatchNorm2d(8)
+    with pytest.raises(RuntimeError, match=r"no CBN layer\. Fix: norm_cfg=dict\(type='CBN'"):
+        run(tmp_path, model, dict(by_epoch=False, max_iters=1),
+            dict(type='CBNBurnInHook', burnin_iters=0))
+
+
+def test_hook_names_sync_bn_as_the_cause(tmp_path):
+    """A distributed run with ``sync_bn`` hands the hook a model whose CBN layers mmengine
+    converted to SyncBatchNorm (here by hand: a run without a launcher reverts SyncBN to BN,
+    which is what the hook then sees). It stops before training, naming cause and fix."""
+    model = convert_sync_batchnorm(ToyNet(), 'torch')
+    with pytest.raises(RuntimeError, match=r"no CBN layer\. The cause: sync_bn='torch' .*"
+                                           r'CBN layers included.*Fix: remove sync_bn'):
+        run(tmp_path, model, dict(by_epoch=False, max_iters=1),
+            dict(type='CBNBurnInHook', burnin_iters=0), cfg=dict(sync_bn='torch'))
+    assert model.windows == []
+
+
+def test_hook_warns_about_sync_bn_in_a_run_without_launcher(tmp_path):
+    runner = run(tmp_path, ToyNet(), dict(by_epoch=False, max_iters=2),
+                 dict(type='CBNBurnInHook', burnin_iters=0), cfg=dict(sync_bn='torch'))
+    log = (tmp_path / runner.timestamp / f'{runner.timestamp}.log').read_text()
+    assert "WARNING - CBNBurnInHook: sync_bn='torch' is set" in log
+    assert runner.model.norm.steps == 2
+
+
+@pytest.mark.parametrize('launcher, model, hooks, refused', [
+    ('pytorch', dict(type='X', norm_cfg=dict(type='CBN')), [], True),
+    ('slurm', dict(type='X', head=[dict(norm_cfg=dict(type='CBN'))]), [], True),
+    ('pytorch', dict(type='X', norm_cfg=dict(type='BN')), [dict(type='CBNBurnInHook')], True),
+    ('none', dict(type='X', norm_cfg=dict(type='CBN')), [], False),
+    ('pytorch', dict(type='X', norm_cfg=dict(type='BN')), [], False),
+])
+def test_distributed_configs_with_cbn_and_sync_bn_are_refused(launcher, model, hooks, refused):
+    cfg = Config(dict(model=model, custom_hooks=hooks, launcher=launcher, sync_bn='torch'))
+    if refused:
+        with pytest.raises(RuntimeError, match='builds CBN layers.*Fix: remove sync_bn'):
+            check_sync_bn(cfg)
+    else:
+        check_sync_bn(cfg)
+    cfg.sync_bn = None
+    check_sync_bn(cfg)
