@@ -79,7 +79,12 @@ class History:
 
     def commit(self) -> None:
         """The running iteration's record joins the window, the oldest leaves (no host sync)."""
-        _commit(self.valid, self.cursor, self.slot_weight, self.window)
+        _commit(self._valid_column(), self.cursor, self.slot_weight, self.window)
+
+    def _valid_column(self) -> Tensor:
+        """``valid`` as a view made here of ``records``: a compiled graph must not get two
+        views of one storage as inputs when it writes one of them (aot_autograd refuses)."""
+        return self.records[:, 2 * self.shape[0]]
 
     def resized(self, slots: int) -> 'History':
         """A history with ``slots`` slots holding the newest records of this one (and the
@@ -98,7 +103,7 @@ class History:
 
     def _weigh(self) -> None:
         """The slots' weights from their validity and the cursor (after a direct change)."""
-        _weigh(self.valid, self.cursor, self.slot_weight, self.window)
+        _weigh(self._valid_column(), self.cursor, self.slot_weight, self.window)
 
     def map(self, fn: Callable[[Tensor], Tensor]) -> None:
         """Apply a conversion to the tensors, keeping the records in :attr:`records`' dtype

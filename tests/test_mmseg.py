@@ -289,3 +289,21 @@ def test_seg_demo_quick(tmp_path: Path):
         if run['arm'] == 'cbn':
             assert run['cbn_layers'] == run['cbn_paired'] == 23
     assert (tmp_path / 'seg_results.png').read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
+
+
+def test_digits_pspnet_with_cbn_traces_without_graph_breaks():
+    """The CBN layers of mmseg's PSPNet (ResNet-18-D8, PPM on 1x1-6x6 pooled maps, FCN
+    auxiliary head) trace whole in training mode: dynamo finds no graph break in the
+    backbone and both heads, windows full."""
+    model = _small_model(CONFIG_DIR / 'pspnet_r18-d8-cbn_1xb2-2.5k_digits-64x64.py')
+    mmdet_cbn.pair_cbn_layers(model)
+
+    def features(images):
+        feats = model.extract_feat(images)
+        return model.decode_head(feats), model.auxiliary_head(feats)
+    for _ in range(3):  # eager first (the one-time conv check), windows filling
+        decoded, auxiliary = features(torch.randn(2, 3, 32, 32))
+        (decoded.square().mean() + auxiliary.square().mean()).backward()
+    explanation = torch._dynamo.explain(features)(torch.randn(2, 3, 32, 32))
+    assert explanation.graph_break_count == 0, explanation.break_reasons
+    assert all(layer.steps == 4 for _, layer in mmdet_cbn.cbn_layers(model))
