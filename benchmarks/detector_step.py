@@ -11,7 +11,14 @@ checkpoint of the backbone disabled. Variants, stepped interleaved on the same r
   gradient, through the compensated past statistics too;
 - ``cbn_detached``: the same with the authors' gradient (``detach_compensation=True``);
 - ``cbn_sampled``: ``cbn_exact`` with ``grad_nu_stride=2`` (``--grad-nu-stride``);
-- ``cbn_burnin``: CBN with window 1 (the burn-in period).
+- ``cbn_burnin``: CBN with window 1 (the burn-in period);
+- ``cbn_fused``: ``cbn_exact`` with ``fused=True`` (each layer's step compiled by inductor):
+  its warm-up is timed apart and the JSON's ``fused_compile`` reports the compiled layer
+  kinds, dynamo's graphs and the warm-up time; run twice with one ``TORCHINDUCTOR_CACHE_DIR``
+  for a cold and a warm (cached) compilation.
+
+``--all`` uses the configs with the normalizer everywhere, backbone included
+(``...-bn-all_1x_coco.py`` / ``...-cbn-all_1x_coco.py``).
 
 A step is mmengine's ``model.train_step`` (data preprocessor, forward, losses, backward, SGD),
 as the training loop runs it (one backward per step: how the layers tell iterations apart
@@ -30,6 +37,8 @@ Usage: ``python benchmarks/detector_step.py --threads 2 --size 256 --out detecto
 from __future__ import annotations
 
 import argparse
+import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -47,13 +56,18 @@ CONFIGS = {
     'cbn': ROOT / 'configs/cbn/faster-rcnn_r50_fpn_4conv1fc-cbn-head_1x_coco.py',
 }
 WINDOW = 4
-CBN_VARIANTS = ('cbn_exact', 'cbn_detached', 'cbn_sampled', 'cbn_burnin')
+CONFIGS_ALL = {
+    'bn': ROOT / 'configs/baselines/faster-rcnn_r50_fpn_4conv1fc-bn-all_1x_coco.py',
+    'cbn': ROOT / 'configs/cbn/faster-rcnn_r50_fpn_4conv1fc-cbn-all_1x_coco.py',
+}
+CBN_VARIANTS = ('cbn_exact', 'cbn_detached', 'cbn_sampled', 'cbn_burnin', 'cbn_fused')
 # name -> (numerator, denominator, upper bound of the ratio or None: for information)
 TARGETS: dict[str, tuple[str, str, float | None]] = {
     'cbn_exact / bn': ('cbn_exact', 'bn', 1.15),
     'cbn_detached / bn': ('cbn_detached', 'bn', None),
     'cbn_sampled / bn': ('cbn_sampled', 'bn', 1.05),
     'cbn_burnin / bn': ('cbn_burnin', 'bn', 1.03),
+    'cbn_fused / bn': ('cbn_fused', 'bn', 1.10),
 }
 
 
@@ -97,19 +111,21 @@ def build_variants(args: argparse.Namespace, device: torch.device) -> dict[str, 
 
     batch = demo_batch(args.size, args.images, args.boxes, args.seed)
     rois = args.rois_per_image
-    models = {'bn': build_detector(CONFIGS['bn'], args.seed, device, rois)}
-    for name, window, stride, detach in (('cbn_exact', WINDOW, 1, False),
-                                         ('cbn_detached', WINDOW, 1, True),
-                                         ('cbn_sampled', WINDOW, args.grad_nu_stride, False),
-                                         ('cbn_burnin', 1, 1, False)):
+    configs = CONFIGS_ALL if args.all else CONFIGS
+    models = {'bn': build_detector(configs['bn'], args.seed, device, rois)}
+    for name, window, stride, detach, fused in (
+            ('cbn_exact', WINDOW, 1, False, False), ('cbn_detached', WINDOW, 1, True, False),
+            ('cbn_sampled', WINDOW, args.grad_nu_stride, False, False),
+            ('cbn_burnin', 1, 1, False, False), ('cbn_fused', WINDOW, 1, False, True)):
         if name not in args.variants:
             continue
-        model = build_detector(CONFIGS['cbn'], args.seed, device, rois)
+        model = build_detector(configs['cbn'], args.seed, device, rois)
         pair_cbn_layers(model)
         for _, layer in cbn_layers(model):
             layer.set_window(window)
             layer.grad_nu_stride = stride
             layer.detach_compensation = detach
+            layer.fused = fused
         models[name] = model
     variants, optimizers = {}, {}
     for name, model in models.items():
@@ -123,6 +139,24 @@ def build_variants(args: argparse.Namespace, device: torch.device) -> dict[str, 
     return {'variants': variants, 'models': models, 'optimizers': optimizers,
             'cbn_layers': max(len(cbn_layers(m)) for m in models.values()),
             'bn_layers': sum(isinstance(m, nn.BatchNorm2d) for m in models['bn'].modules())}
+
+
+def time_fused_warmup(step, steps: int) -> dict[str, Any]:
+    """The fused variant's first ``steps`` steps (the compilation happens there), timed."""
+    import torch._dynamo.utils
+
+    from mmdet_cbn import fused
+    cache = os.environ.get('TORCHINDUCTOR_CACHE_DIR')
+    cached = bool(cache and os.path.isdir(cache) and os.listdir(cache))
+    graphs = torch._dynamo.utils.counters['stats']['unique_graphs']
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    return {'warmup_steps': steps, 'warmup_s': time.perf_counter() - start,
+            'layer_kinds_compiled': len(fused._compiled),
+            'dynamo_graphs': torch._dynamo.utils.counters['stats']['unique_graphs'] - graphs,
+            'inductor_cache_dir': cache, 'inductor_cache_was_filled': cached,
+            'fused_off_reason': fused._broken}
 
 
 def state_bytes(model: nn.Module, optimizer: torch.optim.Optimizer) -> int:
@@ -165,8 +199,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument('--grad-nu-stride', type=int, default=2,
                         help='grad_nu_stride of the cbn_sampled variant')
     parser.add_argument('--lr', type=float, default=0.002)
-    parser.add_argument('--variants', nargs='+', choices=CBN_VARIANTS, default=list(CBN_VARIANTS),
-                        help='CBN variants to time against BN')
+    parser.add_argument('--variants', nargs='+', choices=CBN_VARIANTS,
+                        default=list(CBN_VARIANTS[:4]), help='CBN variants to time against BN')
+    parser.add_argument('--all', action='store_true',
+                        help='the normalizer everywhere, backbone included')
     parser.add_argument('--warmup', type=int, default=WINDOW,
                         help='untimed steps per variant first (>= window - 1 fills the history)')
     parser.add_argument('--quick', action='store_true',
@@ -178,6 +214,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     device = setup_torch(args)
     mmcv_ops = mmcv_ops_fallback.install()
     built = build_variants(args, device)
+    fused_compile = None
+    if 'cbn_fused' in built['variants']:
+        fused_compile = time_fused_warmup(built['variants']['cbn_fused'], args.warmup)
     timings = interleaved(built['variants'], args.repeats, device, warmup=args.warmup,
                           clock=args.clock, calls=args.calls)
     memory = cuda_step_memory(built, device) if device.type == 'cuda' else None
@@ -193,10 +232,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     call_sites = {name: max(layer.num_call_sites for _, layer in cbn_layers(model))
                   for name, model in built['models'].items() if name != 'bn'}
     results = {**run_record(args, device),
-               'configs': {k: str(v.relative_to(ROOT)) for k, v in CONFIGS.items()},
+               'configs': {k: str(v.relative_to(ROOT))
+                           for k, v in (CONFIGS_ALL if args.all else CONFIGS).items()},
                'mmcv_ops': mmcv_ops, 'cbn_layers': built['cbn_layers'],
                'cbn_call_sites': call_sites, 'timings': timings, 'ratios': ratios,
-               'memory': memory}
+               'memory': memory, 'fused_compile': fused_compile}
     print(f'Faster R-CNN R50-FPN 4conv1fc, {args.images} x {args.size[0]}x{args.size[1]} images, '
           f"{built['cbn_layers']} CBN layers (neck + box head), RoIAlign/NMS kernels: {mmcv_ops}")
     for name, t in timings.items():

@@ -97,6 +97,16 @@ def test_host_overhead_quick(tmp_path: Path) -> None:
     assert result['environment']['torch_threads'] == 1
 
 
+def test_backbone_step_quick(tmp_path: Path) -> None:
+    pytest.importorskip('mmdet')
+    result = run_script('backbone_step', tmp_path, '--clock', 'cpu')
+    (entry,) = result['sizes']
+    assert entry['size'] == 32 and set(entry['ms']) == {'bn', 'floor', 'cbn'}
+    assert entry['ratio_to_bn']['bn'] == 1.0 and entry['ratio_to_floor']['floor'] == 1.0
+    assert entry['cbn_layers'] == 20  # every norm of ResNet-18, the downsampling ones too
+    assert entry['compile'] == {}  # nothing compiled without --fused / --compiled
+
+
 def test_detector_step_quick(tmp_path: Path) -> None:
     pytest.importorskip('mmdet')
     result = run_script('detector_step', tmp_path)

@@ -1,0 +1,192 @@
+"""A backbone whose every norm is CBN: the paper's Table 3 regime, eager and compiled.
+
+mmdet's ResNet (``--depth`` 18 or 50, from scratch) with every norm layer BN or CBN (window 4,
+full windows: ``--warmup`` steps first), global average pooling and a linear head over 10
+classes, 2 images per step (``--batch``), SGD; one thread by default. Per input size
+(``--sizes``) the time of a training step (forward, loss, backward, SGD) of:
+
+- ``bn``: BatchNorm2d; ``floor``: BN plus the one weight-gradient convolution per norm layer
+  that a windowed CBN step cannot do without (of each conv's output, in its forward);
+- ``cbn``: CBN as a user gets it (exact gradient; the default step: eager on the CPU);
+  with ``--fused`` ``cbn_fused``: CBN with ``fused=True`` (each layer's step compiled by
+  inductor);
+- with ``--compiled``: ``bn_compiled`` and ``cbn_compiled``, the whole training step's model
+  compiled by ``torch.compile`` (inductor) both ways; their compile counts and times
+  (``compile``), and, for the CBN model, dynamo's graph breaks (``torch._dynamo.explain``)
+  and the recompilations over ``--vary-steps`` steps with other batch and image sizes, after
+  the first three of them (the first new sizes make the shapes dynamic: one recompilation).
+
+Ratios are of medians of interleaved repetitions in one run (:mod:`common`). Usage::
+
+    python benchmarks/backbone_step.py --depth 18 --sizes 224 64 --fused --compiled \
+        --clock cpu --out r18.json
+    python benchmarks/backbone_step.py --quick          # smoke run (tiny ResNet-18, 32 px)
+"""
+from __future__ import annotations
+
+import argparse
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch._dynamo.utils
+from common import add_common_arguments, interleaved, ratio, run_record, setup_torch, write_json
+from layer_speed import weight_grad_conv
+from torch import nn
+
+import mmdet_cbn  # noqa: F401  (registers 'CBN')
+from mmdet_cbn import cbn_layers, pair_cbn_layers
+
+WINDOW = 4
+LR = 0.01
+
+
+class Classifier(nn.Module):
+    """An mmdet ResNet, global average pooling and a linear layer."""
+
+    def __init__(self, depth: int, norm_cfg: dict) -> None:
+        from mmdet.registry import MODELS
+        super().__init__()
+        self.backbone = MODELS.build(dict(type='ResNet', depth=depth, out_indices=(3,),
+                                          frozen_stages=-1, norm_eval=False, init_cfg=None,
+                                          norm_cfg=norm_cfg))
+        self.head = nn.Linear(512 if depth < 50 else 2048, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.backbone(x)[-1].mean((2, 3)))
+
+
+def _floor_hook(conv: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
+    with torch.no_grad():
+        weight_grad_conv(conv, inputs[0], output)
+
+
+def build(variant: str, depth: int, seed: int) -> nn.Module:
+    """The classifier of ``variant``, all variants from the same initial weights."""
+    cbn = variant.startswith('cbn')
+    norm_cfg = dict(type='CBN', window_size=WINDOW, fused=variant == 'cbn_fused') if cbn \
+        else dict(type='BN')
+    torch.manual_seed(seed)
+    model = Classifier(depth, norm_cfg).train()
+    if cbn:
+        pair_cbn_layers(model)
+    if variant == 'floor':
+        norms = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+        convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
+        assert len(norms) == len(convs)
+        for conv in convs:
+            conv.register_forward_hook(_floor_hook)
+    return model
+
+
+def make_step(model: nn.Module, batch: int, size: int, seed: int,
+              run: Callable | None = None) -> Callable[[], None]:
+    """One SGD step on fixed random images and labels (``run``: the compiled model)."""
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, 3, size, size, generator=generator)
+    labels = torch.randint(10, (batch,), generator=generator)
+    optimizer = torch.optim.SGD(model.parameters(), lr=LR, momentum=0.9)
+    forward = model if run is None else run
+
+    def step() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        nn.functional.cross_entropy(forward(x), labels).backward()
+        optimizer.step()
+    return step
+
+
+def compile_report(model: nn.Module, run: Callable, args: argparse.Namespace, size: int
+                   ) -> dict[str, Any]:
+    """Graph breaks of the CBN training forward, and recompilations over steps whose batch
+    and image size change, after the warm-up."""
+    explanation = torch._dynamo.explain(model)(torch.randn(args.batch, 3, size, size))
+    sizes = [(args.batch + i % 2, size + 32 * (i % 3)) for i in range(args.vary_steps)]
+    counts = []
+    for batch, side in sizes:
+        make_step(model, batch, side, args.seed, run)()
+        counts.append(torch._dynamo.utils.counters['stats']['unique_graphs'])
+    return {'graph_breaks': explanation.graph_break_count, 'graphs': explanation.graph_count,
+            'break_reasons': [str(b.reason)[:200] for b in explanation.break_reasons],
+            'vary_sizes': sizes, 'unique_graphs_after_each': counts,
+            'recompiles_after_3_sizes': counts[-1] - counts[2]}
+
+
+def run_size(args: argparse.Namespace, device: torch.device, size: int) -> dict[str, Any]:
+    names = ['bn', 'floor', 'cbn'] + (['cbn_fused'] if args.fused else [])
+    if args.compiled:
+        names += ['bn_compiled', 'cbn_compiled']
+    steps, compiles = {}, {}
+    for name in names:
+        model = build(name.removesuffix('_compiled'), args.depth, args.seed)
+        run = None
+        if name.endswith('_compiled'):
+            torch._dynamo.reset()
+            run = torch.compile(model)
+        step = make_step(model, args.batch, size, args.seed, run)
+        start = time.perf_counter()
+        graphs = torch._dynamo.utils.counters['stats']['unique_graphs']
+        for _ in range(args.warmup):  # full windows; the compile happens here
+            step()
+        if run is not None or name == 'cbn_fused':
+            compiles[name] = {
+                'warmup_s': time.perf_counter() - start,
+                'unique_graphs': torch._dynamo.utils.counters['stats']['unique_graphs']
+                - graphs}
+        if name == 'cbn_compiled' and args.vary_steps:
+            compiles[name].update(compile_report(model, run, args, size))
+            step = make_step(model, args.batch, size, args.seed, run)
+        steps[name] = step
+    timings = interleaved(steps, args.repeats, device, warmup=1, clock=args.clock)
+    result = {'size': size, 'ms': {n: 1e3 * t['median_s'] for n, t in timings.items()},
+              'min_ms': {n: 1e3 * t['min_s'] for n, t in timings.items()},
+              'ratio_to_bn': {n: ratio(timings, n, 'bn') for n in names},
+              'ratio_to_floor': {n: ratio(timings, n, 'floor') for n in names},
+              'compile': compiles, 'cbn_layers': len(cbn_layers(build('cbn', args.depth, 0)))}
+    if args.compiled:
+        result['cbn_compiled_over_bn_compiled'] = ratio(timings, 'cbn_compiled', 'bn_compiled')
+    return result
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    add_common_arguments(parser, repeats=5)
+    parser.add_argument('--depth', type=int, default=18, choices=(18, 34, 50))
+    parser.add_argument('--sizes', type=int, nargs='+', default=[224, 64])
+    parser.add_argument('--batch', type=int, default=2)
+    parser.add_argument('--warmup', type=int, default=2 * WINDOW)
+    parser.add_argument('--fused', action='store_true',
+                        help="also CBN with the fused step (each layer's step compiled)")
+    parser.add_argument('--compiled', action='store_true',
+                        help='also the whole model compiled (inductor), BN and CBN')
+    parser.add_argument('--vary-steps', type=int, default=20,
+                        help='steps with other sizes after the warm-up, counting recompiles')
+    parser.add_argument('--quick', action='store_true', help='smoke run')
+    args = parser.parse_args(argv)
+    if args.threads is None:
+        args.threads = 1
+    if args.quick:
+        args.sizes, args.repeats, args.warmup, args.vary_steps = [32], 2, WINDOW, 4
+    device = setup_torch(args)
+    results = {**run_record(args, device), 'sizes': [run_size(args, device, s)
+                                                     for s in args.sizes]}
+    print_table(results)
+    write_json(args.out, results)
+    return results
+
+
+def print_table(results: dict[str, Any]) -> None:
+    env = results['environment']
+    print(f"\nResNet-{results['args']['depth']}, {results['args']['batch']} images, "
+          f"{env['torch_threads']} thread(s), clock {results['args']['clock']}; ms per SGD "
+          'step (median), ratio to BN / to the floor')
+    for entry in results['sizes']:
+        cells = ', '.join(f"{n} {entry['ms'][n]:.0f} ({entry['ratio_to_bn'][n]:.2f}x / "
+                          f"{entry['ratio_to_floor'][n]:.2f}x)" for n in entry['ms'])
+        print(f"{entry['size']} px: {cells}")
+        for name, report in entry['compile'].items():
+            print(f'  {name}: {report}')
+
+
+if __name__ == '__main__':
+    main()
