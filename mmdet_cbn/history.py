@@ -147,9 +147,8 @@ def _commit(valid: Tensor, cursor: Tensor, slot_weight: Tensor, window: Tensor) 
     """Advance the ring past a written free slot: ``[free, filled, written] <- [(free + w) %
     P, min(filled + w, P - 1), 0]`` with ``w = written``, then weigh the slots."""
     physical = valid.shape[0]
-    written = cursor[2]
-    advanced = torch.stack([(cursor[0] + written) % physical,
-                            (cursor[1] + written).clamp(max=physical - 1),
-                            torch.zeros_like(written)])
-    cursor.copy_(advanced)
+    cursor[:2].add_(cursor[2:])
+    cursor[:1].remainder_(physical)
+    cursor[1:2].clamp_(max=physical - 1)
+    cursor[2:].zero_()
     _weigh(valid, cursor, slot_weight, window)
