@@ -86,6 +86,9 @@ class CrossIterationBatchNorm2d(_BatchNorm):
     history (it counts in ``nonfinite_batches``). :meth:`reset_running_stats` empties the
     window's history too. History and statistics of the window are
     float32 (float64 for float64 inputs) whatever the input or module dtype.
+    ``clamped_variances`` counts ``[clamped, all]`` compensated past variances since its last
+    reset (``CBNBurnInHook`` logs and resets it): those that came out below 0 and were clamped
+    are a sign that the weights moved too far for the Taylor step.
 
     Args:
         num_features: channels ``C`` of the input ``(N, C, H, W)``.
@@ -133,6 +136,8 @@ class CrossIterationBatchNorm2d(_BatchNorm):
         self.window_override: int | None = None
         self.iterations = torch.zeros((), dtype=torch.long, device=device)
         self.nonfinite_batches = torch.zeros((), dtype=torch.long, device=device)
+        # [clamped, all] compensated past variances since the last reset (a diagnostic)
+        self.clamped_variances = torch.zeros(2, dtype=torch.long, device=device)
         self.layer_name = type(self).__name__
         self.histories: list[History | None] = []
         self._call_sites = CallSites()
@@ -327,7 +332,8 @@ class CrossIterationBatchNorm2d(_BatchNorm):
                         ring=None if history is None else history.ring(),
                         running_mean=self.running_mean, running_var=self.running_var,
                         num_batches_tracked=self.num_batches_tracked,
-                        nonfinite_batches=self.nonfinite_batches, iteration=self.iterations,
+                        nonfinite_batches=self.nonfinite_batches,
+                        clamped_variances=self.clamped_variances, iteration=self.iterations,
                         options=options, record=not recomputing,
                         draw=self._draw() if taylor and not recomputing else (0, 0))
 
@@ -426,6 +432,7 @@ class CrossIterationBatchNorm2d(_BatchNorm):
         super()._apply(fn, recurse)
         self.iterations = fn(self.iterations)
         self.nonfinite_batches = fn(self.nonfinite_batches)
+        self.clamped_variances = fn(self.clamped_variances)
         for history in self.histories:
             if history is not None:
                 history.map(fn)

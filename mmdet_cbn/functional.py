@@ -301,11 +301,13 @@ class _WindowNormalize(torch.autograd.Function):
         mean, var = _batch_moments(y_stats)
         if past is None:  # k = 1: the batch is the window
             k, mu_bar, var_bar = None, mean, var
+            clamped = torch.zeros((), dtype=torch.long, device=y.device)
         else:
             mu_hat, var_hat, delta = compensate(
                 weight, bias, mean=past.mean, var_intercept=past.var_intercept,
                 xbar=past.xbar, grad_var=past.grad_var)
             w, k = past.slot_weight, past.window
+            clamped = torch.count_nonzero(var_hat.lt(0).logical_and_(w.gt(0).unsqueeze(1)))
             mu_bar = torch.addmv(mean, mu_hat.t(), w).div_(k)
             spread, gap = mu_hat - mu_bar, mean - mu_bar
             var_bar = torch.addmv(torch.addcmul(var, gap, gap),
@@ -322,9 +324,9 @@ class _WindowNormalize(torch.autograd.Function):
         ctx.eps, ctx.k = eps, k
         ctx.weight_shape = None if weight is None else weight.shape
         window = torch.stack([mu_bar, var_bar])
-        ctx.mark_non_differentiable(mean, var, window)
+        ctx.mark_non_differentiable(mean, var, window, clamped)
         ctx.set_materialize_grads(False)
-        return out, mean, var, window
+        return out, mean, var, window, clamped
 
     @staticmethod
     @once_differentiable
@@ -405,7 +407,7 @@ def _grad_through_compensation(past: PastRecords, spread: Tensor, var_hat: Tenso
 def window_normalize(y: Tensor, gamma: Tensor | None, beta: Tensor | None, eps: float, *,
                      weight: Tensor | None = None, bias: Tensor | None = None,
                      past: PastRecords | None = None
-                     ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+                     ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Normalize ``y`` with the statistics of the window (Eq. 7-11).
 
     Args:
@@ -417,9 +419,12 @@ def window_normalize(y: Tensor, gamma: Tensor | None, beta: Tensor | None, eps: 
         past: the past slots, or None (then this is BatchNorm's training forward).
 
     Returns:
-        ``(out, mean, var, window)``: the normalized ``y`` (dtype of ``y``) and, detached,
-        the batch's mean and variance ``(C,)`` and the window's ``(2, C)`` (``mu_bar``,
-        ``var_bar``); float32, or float64 for float64 ``y``.
+        ``(out, mean, var, window, clamped)``: the normalized ``y`` (dtype of ``y``) and,
+        detached, the batch's mean and variance ``(C,)`` and the window's ``(2, C)``
+        (``mu_bar``, ``var_bar``), float32, or float64 for float64 ``y``; and ``()`` long, how
+        many compensated past variances (slots in the window x channels) came out below 0
+        and were clamped (Eq. 10's ``max``): a sign that the weights moved too far for the
+        Taylor step.
     """
     return _WindowNormalize.apply(y, gamma, beta, weight, bias, past, eps)
 
@@ -487,7 +492,8 @@ def training_step(y: Tensor, x: Tensor | None, gamma: Tensor | None, beta: Tenso
                   conv_weight: Tensor | None, conv_bias: Tensor | None, *,
                   ring: RingState | None, running_mean: Tensor | None,
                   running_var: Tensor | None, num_batches_tracked: Tensor | None,
-                  nonfinite_batches: Tensor, iteration: Tensor, options: StepOptions,
+                  nonfinite_batches: Tensor, clamped_variances: Tensor, iteration: Tensor,
+                  options: StepOptions,
                   draw: tuple[int, int] = (0, 0), record: bool = True) -> Tensor:
     """One training call of a CBN layer (Eq. 7-11), its record and the running statistics.
 
@@ -505,6 +511,8 @@ def training_step(y: Tensor, x: Tensor | None, gamma: Tensor | None, beta: Tenso
         ring: the call site's history, or None for window 1.
         running_mean, running_var, num_batches_tracked: BatchNorm's buffers, or None.
         nonfinite_batches: ``()`` long, calls kept out so far.
+        clamped_variances: ``(2,)`` long, ``[clamped, all]`` compensated past variances so
+            far (a diagnostic, :meth:`CrossIterationBatchNorm2d.clamped_variances`).
         iteration: ``()`` long, the 1-based training iteration of this call.
         options: the layer's constants.
         draw: offsets for a sampled ``d var / d W`` (``options.grad_stride > 1``).
@@ -528,13 +536,16 @@ def training_step(y: Tensor, x: Tensor | None, gamma: Tensor | None, beta: Tenso
             weight, bias = conv_weight, conv_bias
             if options.detach_compensation:
                 weight, bias = weight.detach(), None if bias is None else bias.detach()
-    out, mean, var, window = window_normalize(y, gamma, beta, options.eps, weight=weight,
-                                              bias=bias, past=past)
+    out, mean, var, window, clamped = window_normalize(
+        y, gamma, beta, options.eps, weight=weight, bias=bias, past=past)
     if not record:
         return out
     with torch.no_grad():
         bad = nonfinite(window)
         nonfinite_batches.add_(bad)
+        if past is not None and geometry is not None:
+            compensated = ring.slot_weight.gt(0).sum() * y.shape[1]
+            clamped_variances.add_(torch.stack([clamped, compensated]))
         if ring is not None:
             slot = record_statistics(x, y, mean, var, conv_weight, geometry,
                                      grad_stride=options.grad_stride, draw=draw)

@@ -125,7 +125,8 @@ def test_stable_aggregation_equals_eq_10_and_clamps_each_slot():
     var = torch.tensor([[-8.0, 1.0], [4.0, 1.0]], dtype=torch.float64)  # slot 0 ch 0: < 0
     weights = torch.tensor([1.0, 0.0], dtype=torch.float64)
     past = PastRecords(mean, var, weights, 1 + weights.sum(), None, None)
-    out, mu, v, window = window_normalize(y, None, None, 0.0, past=past)
+    out, mu, v, window, clamped = window_normalize(y, None, None, 0.0, past=past)
+    assert clamped.item() == 1  # slot 0, channel 0 (slot 1 is out of the window)
     mu_bar, var_bar = window
     torch.testing.assert_close((mu, v), moments(y))
     torch.testing.assert_close(mu_bar, torch.tensor([2.0, 2.0], dtype=torch.float64))
