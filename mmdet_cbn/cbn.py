@@ -101,6 +101,9 @@ class CrossIterationBatchNorm2d(_BatchNorm):
     per channel over the window. A call with non-finite statistics changes neither them nor the
     history (it counts in ``nonfinite_batches``). History and statistics of the window are
     float32 (float64 for float64 inputs) whatever the input or module dtype.
+    ``clamped_variances`` counts ``[clamped, all]`` compensated past variances since its last
+    reset (``CBNBurnInHook`` logs and resets it): those that came out below 0 and were clamped
+    are a sign that the weights moved too far for the Taylor step.
 
     Args:
         num_features: channels ``C`` of the input ``(N, C, H, W)``.
@@ -142,6 +145,8 @@ class CrossIterationBatchNorm2d(_BatchNorm):
         self.window_override: int | None = None
         self.steps = 0
         self.nonfinite_batches = torch.zeros((), dtype=torch.long, device=device)
+        # [clamped, all] compensated past variances since the last reset (a diagnostic)
+        self.clamped_variances = torch.zeros(2, dtype=torch.long, device=device)
         self.layer_name = type(self).__name__
         self.histories: list[History | None] = []
         self._calls = _Calls()
@@ -335,7 +340,8 @@ class CrossIterationBatchNorm2d(_BatchNorm):
         with torch.autocast(y.device.type, enabled=False) if _autocast_on(y) else _nothing():
             out, mean, var, window = window_normalize(
                 y, self.weight, self.bias, self.eps, weight=weight, bias=bias, past=past,
-                on_backward=self._on_backward)
+                on_backward=self._on_backward,
+                clamped=None if recomputing else self.clamped_variances)
             if not recomputing:
                 self._commit(y, conv_io, history, mean, var, window, count)
         return out
@@ -416,6 +422,7 @@ class CrossIterationBatchNorm2d(_BatchNorm):
     def _apply(self, fn, recurse=True):
         super()._apply(fn, recurse)
         self.nonfinite_batches = fn(self.nonfinite_batches)
+        self.clamped_variances = fn(self.clamped_variances)
         for history in self.histories:
             if history is not None:
                 history.map(fn)

@@ -308,7 +308,7 @@ class _WindowNormalize(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, y, gamma, beta, weight, bias, past, eps, on_backward):
+    def forward(ctx, y, gamma, beta, weight, bias, past, eps, on_backward, clamped):
         dtype = stat_dtype(y)
         y_stats = y if y.dtype == dtype else y.to(dtype)
         mean, var = _batch_moments(y_stats)
@@ -319,6 +319,10 @@ class _WindowNormalize(torch.autograd.Function):
                 weight, bias, mean=past.mean, var_intercept=past.var_intercept,
                 xbar=past.xbar, grad_var=past.grad_var)
             w, k = past.slot_weight, past.window
+            if clamped is not None:  # a diagnostic: compensated variances below 0, of all
+                in_window = w > 0
+                clamped[0].add_(var_hat.lt(0).logical_and_(in_window.unsqueeze(1)).sum())
+                clamped[1].add_(in_window.sum() * var_hat.shape[1])
             mu_bar = torch.addmv(mean, mu_hat.t(), w).div_(k)
             spread, gap = mu_hat - mu_bar, mean - mu_bar
             var_bar = torch.addmv(torch.addcmul(var, gap, gap),
@@ -341,7 +345,7 @@ class _WindowNormalize(torch.autograd.Function):
         if ctx.on_backward is not None:
             ctx.on_backward()
         if grad_out is None:  # only the (non-differentiable) statistics were used
-            return (None,) * 8
+            return (None,) * 9
         y, gamma, mu_bar, var_bar = ctx.saved_tensors
         inv_std = (var_bar + ctx.eps).rsqrt_()
         if gamma is None:
@@ -416,8 +420,8 @@ def _grad_through_compensation(past: PastRecords, spread: Tensor, var_hat: Tenso
 def window_normalize(y: Tensor, gamma: Tensor | None, beta: Tensor | None, eps: float, *,
                      weight: Tensor | None = None, bias: Tensor | None = None,
                      past: PastRecords | None = None,
-                     on_backward: Callable[[], None] | None = None
-                     ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+                     on_backward: Callable[[], None] | None = None,
+                     clamped: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Normalize ``y`` with the statistics of the window (Eq. 7-11).
 
     Args:
@@ -428,13 +432,17 @@ def window_normalize(y: Tensor, gamma: Tensor | None, beta: Tensor | None, eps: 
             The gradient flows through the compensation into them unless they are detached.
         past: the past slots, or None (then this is BatchNorm's training forward).
         on_backward: called when the backward runs (how a layer learns an iteration ended).
+        clamped: ``(2,)`` integer counter, or None: adds the number of compensated past
+            variances below 0 (clamped to 0 in Eq. 10) and the number of compensated past
+            variances (slots in the window x channels), without a host sync.
 
     Returns:
         ``(out, mean, var, window)``: the normalized ``y`` (dtype of ``y``) and, detached,
         the batch's mean and variance ``(C,)`` and the window's ``(2, C)`` (``mu_bar``,
         ``var_bar``); float32, or float64 for float64 ``y``.
     """
-    return _WindowNormalize.apply(y, gamma, beta, weight, bias, past, eps, on_backward)
+    return _WindowNormalize.apply(y, gamma, beta, weight, bias, past, eps, on_backward,
+                                  clamped)
 
 
 def nonfinite(t: Tensor) -> Tensor:
