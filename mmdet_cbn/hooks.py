@@ -1,9 +1,10 @@
 """``CBNBurnInHook``: pairs CBN layers, marks iterations and drives the burn-in window."""
 from __future__ import annotations
 
+import torch
 import torch.distributed as dist
 from mmengine.dist import get_dist_info
-from mmengine.hooks import CheckpointHook, Hook
+from mmengine.hooks import CheckpointHook, Hook, LoggerHook
 from mmengine.model import is_model_wrapper
 from mmengine.runner import EpochBasedTrainLoop
 
@@ -92,6 +93,29 @@ class CBNBurnInHook(Hook):
 
     def after_train_iter(self, runner, batch_idx: int, data_batch=None, outputs=None) -> None:
         self._gather_before_save(runner, by_epoch=False)
+        self._log_clamped_variances(runner, batch_idx)
+
+    def _log_clamped_variances(self, runner, batch_idx: int) -> None:
+        """At the logger's interval, the fraction of compensated past variances that were
+        below 0 (clamped) since the last time: over all CBN layers (``train/cbn_clamped_var``)
+        and in the worst layer (``train/cbn_clamped_var_max``). The layers count on their
+        device; this is the diagnostic's only host sync."""
+        interval = next((h.interval for h in runner.hooks if isinstance(h, LoggerHook)), 50)
+        if not (self.every_n_inner_iters(batch_idx, interval)
+                or self.end_of_epoch(runner.train_dataloader, batch_idx)):
+            return
+        layers = [layer for _, layer in cbn_layers(self._model(runner))]
+        if not layers:
+            return
+        counts = torch.stack([layer.clamped_variances for layer in layers]).cpu()
+        for layer in layers:
+            layer.clamped_variances.zero_()
+        clamped, compensated = counts.sum(0).tolist()
+        if compensated:  # none during burn-in
+            per_layer = counts[:, 0] / counts[:, 1].clamp_min(1)
+            runner.message_hub.update_scalar('train/cbn_clamped_var', clamped / compensated)
+            runner.message_hub.update_scalar('train/cbn_clamped_var_max',
+                                             per_layer.max().item())
 
     def after_train_epoch(self, runner) -> None:
         bad = {name: int(layer.nonfinite_batches) for name, layer in
