@@ -1,9 +1,15 @@
 """Eval-mode statistics of CBN: re-estimation at the current weights, and its hook."""
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn.functional as F
+from mmengine.evaluator import BaseMetric, Evaluator
+from mmengine.hooks import Hook
+from mmengine.model import BaseModel
+from mmengine.runner import Runner
 from torch import nn
+from torch.utils.data import Dataset
 
 from mmdet_cbn import (CrossIterationBatchNorm2d, load_population_statistics, pair_cbn_layers,
                        population_statistics)
@@ -137,3 +143,99 @@ def test_clamped_variance_counter_counts_negative_compensated_variances():
         optimizer.step()
     assert torch.equal(cbn.clamped_variances, expected)
     assert expected[1] == (1 + 2 + 3 + 3 + 3) * 6 and expected[0] > 0
+
+
+class ToyDetector(BaseModel):
+    """conv -> CBN -> mean -> linear, with a loss mode and a predict mode."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.norm = CrossIterationBatchNorm2d(8, window_size=3)
+        self.head = nn.Linear(8, 1)
+
+    def forward(self, inputs, targets=None, mode='loss'):
+        prediction = self.head(self.norm(self.conv(inputs)).relu().mean((2, 3))).squeeze(1)
+        if mode == 'loss':
+            return {'loss': (prediction - targets).square().mean()}
+        return [dict(error=(p - t).abs().item()) for p, t in zip(prediction, targets)]
+
+
+class ToyData(Dataset):
+    def __len__(self):
+        return 8
+
+    def __getitem__(self, i):
+        g = torch.Generator().manual_seed(i)
+        return dict(inputs=torch.randn(3, 6, 6, generator=g) + 1,
+                    targets=torch.tensor(float(i)))
+
+
+class MeanError(BaseMetric):
+    def process(self, data_batch, data_samples):
+        self.results.extend(s['error'] for s in data_samples)
+
+    def compute_metrics(self, results):
+        return {'mae': sum(results) / len(results)}
+
+
+class StatisticsAtValidation(Hook):
+    """Records, when a validation starts, the CBN running statistics and the population
+    statistics of the CBN input over the whole training set, computed directly."""
+
+    priority = 'LOW'  # after CBNBurnInHook
+
+    def __init__(self):
+        self.seen = []
+
+    def before_val_epoch(self, runner):
+        model = runner.model
+        with torch.no_grad():
+            y = model.conv(torch.stack([ToyData()[i]['inputs'] for i in range(8)]))
+        self.seen.append((model.norm.running_mean.clone(), model.norm.running_var.clone(),
+                          y.mean((0, 2, 3)), y.var((0, 2, 3), unbiased=True)))
+
+
+def run_with_validation(tmp_path, precise_batches: int, by_epoch: bool):
+    torch.manual_seed(0)
+    model = ToyDetector()
+    recorder = StatisticsAtValidation()
+    loader = dict(dataset=ToyData(), batch_size=2, collate_fn=dict(type='default_collate'),
+                  sampler=dict(type='DefaultSampler', shuffle=True))
+    runner = Runner(
+        model=model, work_dir=str(tmp_path), train_dataloader=loader, val_dataloader=loader,
+        val_evaluator=Evaluator(MeanError()), val_cfg=dict(),
+        optim_wrapper=dict(optimizer=dict(type='SGD', lr=0.05)),
+        train_cfg=dict(by_epoch=True, max_epochs=4, val_interval=2) if by_epoch else
+        dict(by_epoch=False, max_iters=16, val_interval=8),
+        custom_hooks=[dict(type='CBNBurnInHook', burnin_epochs=1,
+                           precise_batches=precise_batches), recorder],
+        default_hooks=dict(checkpoint=None, logger=dict(type='LoggerHook', interval=2)),
+        log_level='INFO', experiment_name=f'{tmp_path.parent.name}_{tmp_path.name}',
+        randomness=dict(seed=0))
+    runner.train()
+    return runner, model, recorder
+
+
+@pytest.mark.parametrize('by_epoch', [True, False])
+def test_hook_re_estimates_statistics_before_validation_and_training_is_unchanged(tmp_path,
+                                                                                 by_epoch):
+    """Epoch-based: from the training loader; iteration-based: from a loader of its own
+    mid-run (the training's data order stays), from the training loader at the end."""
+    runner, model, recorder = run_with_validation(tmp_path / 'precise', 4, by_epoch)
+    assert len(recorder.seen) == 2  # epochs 2 and 4, iterations 8 and 16
+    for running_mean, running_var, mean, var in recorder.seen:
+        torch.testing.assert_close(running_mean, mean, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(running_var, var, rtol=1e-5, atol=1e-5)
+    log = (tmp_path / 'precise' / runner.timestamp / f'{runner.timestamp}.log').read_text()
+    assert 'CBN: running statistics of 1 norm layers re-estimated' in log
+    clamped, _ = runner.message_hub.get_scalar('train/cbn_clamped_var').data
+    assert len(clamped) == 6 and all(0 <= c <= 1 for c in clamped)  # iterations 5-16, 2 each
+    assert model.norm.clamped_variances.tolist() == [0, 0]  # read and reset at the interval
+
+    _, plain, plain_recorder = run_with_validation(tmp_path / 'plain', 0, by_epoch)
+    for name, value in plain.state_dict().items():  # the same training, other statistics
+        if name.startswith('norm.running') or name == 'norm.num_batches_tracked':
+            continue
+        torch.testing.assert_close(model.state_dict()[name], value, rtol=0, atol=0, msg=name)
+    assert not torch.allclose(plain_recorder.seen[0][0], recorder.seen[0][0])
