@@ -216,12 +216,20 @@ def build_config(args: argparse.Namespace, work_dir: Path):
             cfg.custom_hooks = list(cfg.custom_hooks) + [
                 dict(type='ProbeHook', every=args.probe_every,
                      burnin_epochs=0 if args.burnin_iters is not None else 2)]
+    if args.load_from is not None:  # a windowed stretch from a burn-in checkpoint
+        cfg.load_from = str(args.load_from)
+        cfg.param_scheduler = []  # constant lr
+        cfg.train_cfg = dict(by_epoch=False, max_iters=args.iters)
+        cfg.val_cfg = cfg.val_dataloader = cfg.val_evaluator = None
+        cfg.default_hooks.checkpoint = None
     cfg.work_dir = str(work_dir)
     return cfg
 
 
 def train(args: argparse.Namespace) -> None:
     from mmengine.runner import Runner
+
+    from mmdet_cbn.compat import runner_checkpoint_globals
 
     torch.set_num_threads(1)
     if not (ROOT / 'data/annotations/val.json').is_file():
@@ -234,7 +242,8 @@ def train(args: argparse.Namespace) -> None:
     cfg = build_config(args, work_dir)
     cfg.dump(work_dir / 'config.py')
     began = time.perf_counter()
-    Runner.from_cfg(cfg).train()
+    with runner_checkpoint_globals():  # load_from: a Runner checkpoint
+        Runner.from_cfg(cfg).train()
     (work_dir / 'run.json').write_text(json.dumps(dict(
         arm=args.arm, seed=args.seed, lr=args.lr, window=args.window, epochs=args.epochs,
         probe_every=args.probe_every, wall_s=time.perf_counter() - began,
@@ -279,7 +288,7 @@ def evaluate(args: argparse.Namespace) -> None:
         rules = ['window', 'batch'] if 'cbn' in str(cfg.model.neck.norm_cfg.type).lower() \
             else ['batch']
         entry = results.setdefault(str(epoch), {})
-        for batches in args.precise_batches:
+        for batches in [b for b in args.precise_batches if b]:
             model.load_state_dict(state)
             began = time.perf_counter()
             stats = population_statistics(model, islice(runner.train_dataloader, batches),
@@ -302,7 +311,7 @@ def evaluate(args: argparse.Namespace) -> None:
             entry[f'precise{batches}'] = dict(metrics=dict(metrics), seconds=cost,
                                               gaps_to_precise=gaps)
         for rule in rules:
-            if rule in entry and not args.redo:
+            if rule not in args.rules or (rule in entry and not args.redo):
                 continue
             model.load_state_dict(state)
             if rule == 'batch' and 'cbn' in str(cfg.model.neck.norm_cfg.type).lower():
@@ -334,10 +343,18 @@ def main(argv: list[str] | None = None) -> None:
                    help='the plain CBN layer, no probe (to check that the probe changes '
                         'nothing in training)')
     t.add_argument('--name', default=None, help='run directory name')
+    t.add_argument('--load-from', type=Path, default=None,
+                   help='start from these weights at a constant lr, without validation '
+                        '(with --burnin-iters 0: the lr / window sweep)')
+    t.add_argument('--iters', type=int, default=80, help='iterations with --load-from')
     e = sub.add_parser('evaluate')
     e.add_argument('run_dir', type=Path)
-    e.add_argument('--precise-batches', type=int, nargs='+', default=[100])
+    e.add_argument('--precise-batches', type=int, nargs='+', default=[100],
+                   help='batches of each re-estimation scored (0: none)')
     e.add_argument('--redo', action='store_true')
+    e.add_argument('--rules', nargs='+', default=['window', 'batch'],
+                   help="running-statistics rules to score besides the re-estimation "
+                        "('window' is what validation during training scored)")
     args = parser.parse_args(argv)
     os.environ.setdefault('OMP_NUM_THREADS', '1')
     {'train': train, 'evaluate': evaluate}[args.command](args)

@@ -36,11 +36,14 @@ class CBNBurnInHook(Hook):
     empty (logged).
 
     **Statistics for evaluation.** Before every validation during training and before the
-    last checkpoint it re-estimates the running statistics of every BN-like layer (BN and CBN)
-    at the current weights: ``precise_batches`` training batches forwarded without gradient,
-    each layer normalizing with its batch's statistics, and their exact pooled mean and
-    variance (:func:`mmdet_cbn.population_statistics`). Nothing of training changes (random
-    states, CBN histories and data order are kept). At its logging interval it records the
+    last checkpoint (if a ``CheckpointHook`` saves one) it re-estimates the running statistics
+    of every BN-like layer (BN and CBN) at the current weights: ``precise_batches`` training
+    batches forwarded without gradient, each layer normalizing with its batch's statistics,
+    and their exact pooled mean and variance (:func:`mmdet_cbn.population_statistics`).
+    Nothing of training changes (random states, CBN histories and data order are kept). The
+    running averages of training lag weights that drift fast along directions the normalized
+    forward ignores (a channel's mean), which CBN's training forward tolerates and BN's rarely
+    meets (``docs/eval_statistics.md``). At its logging interval the hook records the
     fraction of compensated past variances that were clamped at 0, ``train/cbn_clamped_var``
     (all layers) and ``train/cbn_clamped_var_max`` (the worst layer).
 
@@ -48,14 +51,15 @@ class CBNBurnInHook(Hook):
         burnin_epochs: epochs with window 1 (paper: 3 on COCO). Exclusive with ``burnin_iters``.
             Under an iteration-based loop it counts ``len(train_dataloader)`` iterations each.
         burnin_iters: iterations with window 1.
-        precise_batches: training batches for the re-estimation; 0 keeps the running
-            statistics of training (exponential averages of the window statistics).
+        precise_batches: training batches for the re-estimation (costs as many forward
+            passes without gradient); 0 keeps the running statistics of training (exponential
+            averages of the window statistics).
     """
 
     priority = 'NORMAL'
 
     def __init__(self, burnin_epochs: int | None = None, burnin_iters: int | None = None,
-                 precise_batches: int = 0) -> None:
+                 precise_batches: int = 100) -> None:
         if (burnin_epochs is None) == (burnin_iters is None):
             raise ValueError('CBNBurnInHook needs exactly one of burnin_epochs or burnin_iters '
                              f'(got burnin_epochs={burnin_epochs!r}, '
@@ -120,7 +124,7 @@ class CBNBurnInHook(Hook):
     def after_train_iter(self, runner, batch_idx: int, data_batch=None, outputs=None) -> None:
         self._log_clamped_variances(runner, batch_idx)
         if self.is_last_train_iter(runner) and not self._epoch_based(runner):
-            self._re_estimate_statistics(runner)
+            self._re_estimate_before_last_checkpoint(runner)
         self._gather_before_save(runner, by_epoch=False)
 
     def _log_clamped_variances(self, runner, batch_idx: int) -> None:
@@ -153,7 +157,7 @@ class CBNBurnInHook(Hook):
                 f'CBN: non-finite batch statistics were kept out of the history and running '
                 f'statistics: {bad} (layer: batches so far). Check the loss and learning rate.')
         if self.is_last_train_epoch(runner) and self._epoch_based(runner):
-            self._re_estimate_statistics(runner)
+            self._re_estimate_before_last_checkpoint(runner)
         self._gather_before_save(runner, by_epoch=True)
 
     def before_train_epoch(self, runner) -> None:
@@ -164,6 +168,10 @@ class CBNBurnInHook(Hook):
 
     def before_val_epoch(self, runner) -> None:
         if self._training:
+            self._re_estimate_statistics(runner)
+
+    def _re_estimate_before_last_checkpoint(self, runner) -> None:
+        if any(isinstance(hook, CheckpointHook) for hook in runner.hooks):
             self._re_estimate_statistics(runner)
 
     @staticmethod

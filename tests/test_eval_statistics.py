@@ -196,7 +196,9 @@ class StatisticsAtValidation(Hook):
                           y.mean((0, 2, 3)), y.var((0, 2, 3), unbiased=True)))
 
 
-def run_with_validation(tmp_path, precise_batches: int, by_epoch: bool):
+def run_with_validation(tmp_path, precise_batches: int | None, by_epoch: bool):
+    """4 epochs (or 16 iterations) of 4 batches, validation every 2 (8); ``precise_batches``
+    None: the hook's default."""
     torch.manual_seed(0)
     model = ToyDetector()
     recorder = StatisticsAtValidation()
@@ -208,8 +210,9 @@ def run_with_validation(tmp_path, precise_batches: int, by_epoch: bool):
         optim_wrapper=dict(optimizer=dict(type='SGD', lr=0.05)),
         train_cfg=dict(by_epoch=True, max_epochs=4, val_interval=2) if by_epoch else
         dict(by_epoch=False, max_iters=16, val_interval=8),
-        custom_hooks=[dict(type='CBNBurnInHook', burnin_epochs=1,
-                           precise_batches=precise_batches), recorder],
+        custom_hooks=[dict(type='CBNBurnInHook', burnin_epochs=1, **(
+            {} if precise_batches is None else dict(precise_batches=precise_batches))),
+            recorder],
         default_hooks=dict(checkpoint=None, logger=dict(type='LoggerHook', interval=2)),
         log_level='INFO', experiment_name=f'{tmp_path.parent.name}_{tmp_path.name}',
         randomness=dict(seed=0))
@@ -220,9 +223,10 @@ def run_with_validation(tmp_path, precise_batches: int, by_epoch: bool):
 @pytest.mark.parametrize('by_epoch', [True, False])
 def test_hook_re_estimates_statistics_before_validation_and_training_is_unchanged(tmp_path,
                                                                                  by_epoch):
-    """Epoch-based: from the training loader; iteration-based: from a loader of its own
-    mid-run (the training's data order stays), from the training loader at the end."""
-    runner, model, recorder = run_with_validation(tmp_path / 'precise', 4, by_epoch)
+    """By default (the 4 batches of the training set are fewer than the default number).
+    Epoch-based: from the training loader; iteration-based: from a loader of its own mid-run
+    (the training's data order stays), from the training loader at the end."""
+    runner, model, recorder = run_with_validation(tmp_path / 'precise', None, by_epoch)
     assert len(recorder.seen) == 2  # epochs 2 and 4, iterations 8 and 16
     for running_mean, running_var, mean, var in recorder.seen:
         torch.testing.assert_close(running_mean, mean, rtol=1e-5, atol=1e-5)
