@@ -15,12 +15,18 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 from collections import defaultdict
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / 'experiments'))
+
+from demo import epochs_without_detections  # noqa: E402
+
 ROOT = REPO / 'work_dirs/eval_stats'
-GROUPS = (('FPN lateral', 'neck.lateral_convs'), ('FPN output', 'neck.fpn_convs'),
+GROUPS = (('C5 lateral (4x4 map)', 'neck.lateral_convs.3'), ('C2-C4 lateral', 'neck.lateral_convs'),
+          ('FPN output', 'neck.fpn_convs'),
           ('box head', 'roi_head.bbox_head'), ('mask head', 'roi_head.mask_head'))
 SLOT_FIELDS = ('comp_mean_err', 'comp_var_relerr', 'clamped', 'naive_mean_err',
                'naive_var_relerr', 'drift_mean_per_iter', 'drift_logvar_per_iter')
@@ -80,15 +86,18 @@ def compensation_table(runs: dict[str, str], phases: list[tuple[int, int]]) -> s
 
 
 def val_maps(run: str) -> dict[int, tuple[float, float]]:
-    """Validation bbox / segm mAP (%) by epoch from the run's scalars (training-time)."""
+    """Validation bbox / segm mAP (%) by epoch from the run's scalars (training-time); an
+    evaluation without any detection (mmengine then repeats the previous metrics) is 0."""
     scalars = sorted((ROOT / run).glob('*/vis_data/scalars.json'))
     out = {}
     if scalars:
+        log = scalars[-1].parents[1] / f'{scalars[-1].parents[1].name}.log'
+        empty = epochs_without_detections(log)
         for line in scalars[-1].read_text().splitlines():
             record = json.loads(line)
             if 'coco/bbox_mAP' in record:
-                out[record['step']] = (100 * record['coco/bbox_mAP'],
-                                       100 * record['coco/segm_mAP'])
+                out[record['step']] = (0.0, 0.0) if record['step'] in empty else (
+                    100 * record['coco/bbox_mAP'], 100 * record['coco/segm_mAP'])
     return out
 
 
@@ -98,9 +107,9 @@ def eval_maps(run: str) -> dict[int, dict[str, tuple[float, float]]]:
         return {}
     out = {}
     for epoch, entry in json.loads(path.read_text()).items():
-        out[int(epoch)] = {rule: (100 * v['metrics']['coco/bbox_mAP'],
-                                  100 * v['metrics']['coco/segm_mAP'])
-                           for rule, v in entry.items()}
+        out[int(epoch)] = {rule: (100 * v['metrics'].get('coco/bbox_mAP', 0.0),
+                                  100 * v['metrics'].get('coco/segm_mAP', 0.0))
+                           for rule, v in entry.items()}  # no key: no detection
     return out
 
 
@@ -162,41 +171,67 @@ def gap_table(runs: dict[str, str], epochs=(4, 6)) -> str:
     return '\n'.join(lines)
 
 
-def plot_sweep(runs: dict[str, str], path: Path) -> None:
-    """Clamped fraction and compensated-variance error against iteration, one line per run."""
+C5 = 'neck.lateral_convs.3.bn'
+
+
+def layer_series(records: list[dict], layer: str) -> dict[str, list[tuple[int, float]]]:
+    """Per probe iteration, for one layer: mean drift per iteration and |compensated variance
+    error| (medians over the past slots), the running means' gaps to the exact window, and
+    the clamped fraction of each logging interval."""
+    series: dict[str, list[tuple[int, float]]] = defaultdict(list)
+    for r in records:
+        if 'clamped_fraction' in r and layer in r['clamped_fraction']:
+            series['clamped'].append((r['iter'], r['clamped_fraction'][layer]))
+        elif r.get('layer') == layer and r['slots']:
+            it = r['iter']
+            series['drift'].append((it, statistics.median(
+                s['drift_mean_per_iter'] for s in r['slots'])))
+            series['var_error'].append((it, statistics.median(
+                abs(s['comp_var_relerr']) for s in r['slots'])))
+            series['gap_window'].append((it, r['running_window_mean_gap']))
+            series['gap_batch'].append((it, r['running_batch_mean_gap']))
+    return series
+
+
+def plot(main_runs: dict[str, str], sweep: dict[str, str], path: Path) -> None:
+    """Top: the C5 lateral layer over the seed-0 trainings; bottom: the lr / window sweep."""
     import matplotlib
 
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
 
-    fig, (ax_clamp, ax_var, ax_drift) = plt.subplots(1, 3, figsize=(15, 4))
-    for label, run in runs.items():
-        records = read_probe(run)
-        clamped = [(r['iter'], statistics.fmean(r['clamped_fraction'].values()))
-                   for r in records if 'clamped_fraction' in r]
-        per_iter = defaultdict(list)
-        drift = defaultdict(list)
-        for r in records:
-            if 'slots' in r:
-                per_iter[r['iter']] += [abs(s['comp_var_relerr']) for s in r['slots']]
-                drift[r['iter']] += [s['drift_mean_per_iter'] for s in r['slots']]
-        if clamped:
-            ax_clamp.plot(*zip(*clamped), label=label)
-        if per_iter:
-            its = sorted(per_iter)
-            ax_var.plot(its, [statistics.median(per_iter[i]) for i in its], label=label)
-            ax_drift.plot(its, [statistics.median(drift[i]) for i in its], label=label)
-    ax_clamp.set_title('compensated variances clamped at 0 (fraction, all layers)')
-    ax_var.set_title('|compensated - exact variance| / exact (median)')
-    ax_drift.set_title('mean drift per iteration (population std, median)')
-    for ax in (ax_clamp, ax_var, ax_drift):
-        ax.set_xlabel('iteration')
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-    ax_var.set_yscale('log')
-    ax_drift.set_yscale('log')
+    fig, axes = plt.subplots(2, 3, figsize=(16, 8))
+    for label, run in main_runs.items():
+        series = layer_series(read_probe(run), C5)
+        line, = axes[0, 0].plot(*zip(*series['drift']), label=label)
+        axes[0, 1].plot(*zip(*series['clamped']), label=label, color=line.get_color())
+        axes[0, 2].plot(*zip(*series['gap_window']), label=f'{label}: window rule (today)',
+                        color=line.get_color())
+        axes[0, 2].plot(*zip(*series['gap_batch']), label=f'{label}: batch rule (BN\'s)',
+                        color=line.get_color(), linestyle='--')
+    for label, run in sweep.items():
+        series = layer_series(read_probe(run), C5)
+        if not series['drift']:
+            continue
+        line, = axes[1, 0].plot(*zip(*series['drift']), label=label)
+        axes[1, 1].plot(*zip(*series['clamped']), label=label, color=line.get_color())
+        axes[1, 2].plot(*zip(*series['var_error']), label=label, color=line.get_color())
+    titles = [['C5 lateral: mean drift per iteration (pop. std)',
+               'C5 lateral: compensated variances clamped at 0',
+               'C5 lateral: |running mean - exact window mean| (std)'],
+              ['sweep from epoch 4: mean drift per iteration',
+               'sweep: compensated variances clamped at 0',
+               'sweep: |compensated - exact variance| / exact']]
+    for row, ax_row in enumerate(axes):
+        for col, ax in enumerate(ax_row):
+            ax.set_title(titles[row][col], fontsize=10)
+            ax.set_xlabel('iteration' if row == 0 else 'iteration after epoch 4')
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=7)
+            if col != 1:
+                ax.set_yscale('log')
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=100)
     plt.close(fig)
 
 
@@ -211,15 +246,15 @@ def main(argv: list[str] | None = None) -> None:
              for arm in ('cbn', 'cbn_detached') for lr, w in ((0.02, 8), (0.02, 4), (0.005, 8))}
     print('## Compensation during training (seed 0, probes every 20 iterations)\n')
     print(compensation_table(probed, [(401, 800), (801, 1200), (1201, 1600)]))
-    print('\n## Sweep: one windowed epoch from the epoch-2 checkpoint, constant lr\n')
-    print(compensation_table({k: v for k, v in sweep.items() if read_probe(v)}, [(1, 200)]))
+    print('\n## Sweep: 60 iterations from the epoch-4 checkpoint, constant lr\n')
+    print(compensation_table({k: v for k, v in sweep.items() if read_probe(v)}, [(1, 60)]))
     print('\n## mAP (bbox / segm) by seed and epoch\n')
     print(map_table(args.seeds))
     print('\n## Running statistics against re-estimated ones (seed 0)\n')
     print(gap_table({'CBN': 'cbn_lr0.02_w8_s0', 'detached': 'cbn_detached_lr0.02_w8_s0',
                      'BN': 'bn_lr0.02_w8_s0'}))
     if args.plot is not None:
-        plot_sweep({k: v for k, v in sweep.items() if read_probe(v)}, args.plot)
+        plot(probed, sweep, args.plot)
         print(f'\nwrote {args.plot}')
 
 
