@@ -1,6 +1,7 @@
 """``CBNBurnInHook``: pairs CBN layers, marks iterations and drives the burn-in window."""
 from __future__ import annotations
 
+import contextlib
 import copy
 import time
 from itertools import islice
@@ -10,6 +11,7 @@ import torch.distributed as dist
 from mmengine.dist import get_dist_info
 from mmengine.hooks import CheckpointHook, Hook, LoggerHook
 from mmengine.model import is_model_wrapper
+from mmengine.optim import OptimWrapper
 from mmengine.dataset import DefaultSampler
 from mmengine.runner import EpochBasedTrainLoop
 from torch.utils.data import DataLoader
@@ -185,10 +187,16 @@ class CBNBurnInHook(Hook):
             return
         self._estimated_at = runner.iter
         model = self._model(runner)
+        optim_wrapper = runner.optim_wrapper
+
+        def forward(batch) -> None:  # in the training forward's precision (autocast of Amp)
+            with (optim_wrapper.optim_context(model) if isinstance(optim_wrapper, OptimWrapper)
+                  else contextlib.nullcontext()):
+                model._run_forward(model.data_preprocessor(batch, True), mode='loss')
+
         began = time.perf_counter()
         stats = population_statistics(
-            model, islice(self._estimation_loader_of(runner), self.precise_batches),
-            lambda batch: model._run_forward(model.data_preprocessor(batch, True), mode='loss'))
+            model, islice(self._estimation_loader_of(runner), self.precise_batches), forward)
         load_population_statistics(model, stats)
         runner.logger.info(f'CBN: running statistics of {len(stats)} norm layers re-estimated '
                            f'at the current weights from {self.precise_batches} training '

@@ -19,6 +19,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from .functional import stat_dtype
+
 __all__ = ['PopulationStatistics', 'population_statistics', 'load_population_statistics',
            'norm_layers_with_running_stats']
 
@@ -77,8 +79,9 @@ def _batch_norm_accumulating(layer: _BatchNorm, accumulator: _Accumulator
         dims = [0] + list(range(2, input.dim()))
         var, mean = torch.var_mean(input.to(torch.float64), dim=dims, correction=0)
         accumulator.add(mean, var, count)
-        return F.batch_norm(input, mean.to(input.dtype), var.to(input.dtype), layer.weight,
-                            layer.bias, False, 0.0, layer.eps)
+        dtype = stat_dtype(input)  # float32 statistics for 16-bit inputs, as BN's buffers
+        return F.batch_norm(input, mean.to(dtype), var.to(dtype), layer.weight, layer.bias,
+                            False, 0.0, layer.eps)
 
     return forward
 
@@ -88,7 +91,8 @@ def _random_state_kept() -> Iterator[None]:
     """Python's, numpy's and torch's global random states as they were before (a training run
     continues bit-identically although the forwards drew random numbers, e.g. RoI sampling)."""
     python_state, numpy_state = random.getstate(), np.random.get_state()
-    with torch.random.fork_rng(devices=[]):
+    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+    with torch.random.fork_rng(devices=devices):
         try:
             yield
         finally:
@@ -105,8 +109,9 @@ def population_statistics(model: nn.Module, batches: Iterable, forward: Callable
     forward) with the model in train mode and every layer of
     :func:`norm_layers_with_running_stats` normalizing with its batch's own mean and variance.
     A layer called several times per batch (a head shared by pyramid levels) pools its calls.
-    Nothing of the model changes: its buffers, CBN histories and counters, its train/eval
-    modes, nor the global random states (CPU).
+    A layer that ``model.train()`` leaves in eval mode (frozen BN, ``norm_eval``) keeps its
+    running statistics and is not measured. Nothing of the model changes: its buffers, CBN
+    histories and counters, its train/eval modes, nor the global random states.
 
     Args:
         model: the module whose layers are measured.
@@ -116,14 +121,15 @@ def population_statistics(model: nn.Module, batches: Iterable, forward: Callable
     Returns:
         ``{layer name: PopulationStatistics}`` for the layers that saw at least one example.
     """
-    layers = norm_layers_with_running_stats(model)
+    modes = {module: module.training for module in model.modules()}
+    model.train()
+    layers = [(name, layer) for name, layer in norm_layers_with_running_stats(model)
+              if layer.training]
     accumulators = {name: _Accumulator(layer.num_features, layer.running_mean.device)
                     for name, layer in layers}
-    modes = {module: module.training for module in model.modules()}
     for name, layer in layers:
         layer.forward = _batch_norm_accumulating(layer, accumulators[name])
     try:
-        model.train()
         with _random_state_kept():
             for batch in batches:
                 forward(batch)
