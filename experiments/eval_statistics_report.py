@@ -163,6 +163,30 @@ def map_table(seeds: list[int], rule: str = 'precise100') -> str:
     return '\n'.join(lines)
 
 
+def demo_table(seeds: list[int], rule: str = 'precise100') -> str:
+    """Compact: BN, and each CBN arm today (window rule) and fixed (re-estimated), with the
+    ratio fixed / BN of the same seed and epoch."""
+    lines = ['| seed | epoch | BN | CBN today | CBN fixed | fixed / BN | detached today | '
+             'detached fixed | fixed / BN |', '|' + '---|' * 9]
+
+    def cell(v):
+        return '-' if v is None else f'{v[0]:.1f} / {v[1]:.1f}'
+
+    for seed in seeds:
+        bn_val = val_maps(f'bn_lr0.02_w8_s{seed}')
+        arms = [rules_of(f'{arm}_lr0.02_w8_s{seed}', rule) for arm in ('cbn', 'cbn_detached')]
+        for epoch in (2, 4, 6, 8):
+            bn = bn_val.get(epoch)
+            row = [str(seed), str(epoch), cell(bn)]
+            for scores in arms:
+                today, fixed = scores.get(epoch, {}).get('window'), scores.get(epoch, {}).get(
+                    're-est.')
+                row += [cell(today), cell(fixed), '-' if fixed is None or bn is None else
+                        f'{fixed[0] / bn[0]:.2f} / {fixed[1] / bn[1]:.2f}']
+            lines.append('| ' + ' | '.join(row) + ' |')
+    return '\n'.join(lines)
+
+
 def gap_table(runs: dict[str, str], epochs=(4, 6)) -> str:
     """Running statistics (each rule) against the re-estimated ones, per layer group: the
     median over layers of the channel-median mean gap (in population std) and log variance
@@ -269,6 +293,8 @@ def main(argv: list[str] | None = None) -> None:
     print(compensation_table(probed, [(401, 800), (801, 1200), (1201, 1600)]))
     print('\n## Sweep: 60 iterations from the epoch-4 checkpoint, constant lr\n')
     print(compensation_table({k: v for k, v in sweep.items() if read_probe(v)}, [(1, 60)]))
+    print('\n## Demo: today and fixed against BN\n')
+    print(demo_table(args.seeds))
     print('\n## mAP (bbox / segm) by seed and epoch\n')
     print(map_table(args.seeds))
     print('\n## Running statistics against re-estimated ones (seed 0)\n')
