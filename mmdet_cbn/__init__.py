@@ -7,10 +7,11 @@ fixes for the pinned stack (:mod:`mmdet_cbn.compat`) apply only where asked for.
 """
 from .cbn import CrossIterationBatchNorm2d
 from .pairing import cbn_layers, convert_cbn, pair_cbn_layers
+from .precise_stats import load_population_statistics, population_statistics
 
 __version__ = '0.1.0'
 __all__ = ['CrossIterationBatchNorm2d', 'pair_cbn_layers', 'convert_cbn', 'cbn_layers',
-           '__version__']
+           'population_statistics', 'load_population_statistics', '__version__']
 
 try:
     import mmengine  # noqa: F401

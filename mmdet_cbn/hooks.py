@@ -1,14 +1,24 @@
 """``CBNBurnInHook``: pairs CBN layers, marks iterations and drives the burn-in window."""
 from __future__ import annotations
 
+import contextlib
+import copy
+import time
+from itertools import islice
+
+import torch
 import torch.distributed as dist
 from mmengine.dist import get_dist_info
-from mmengine.hooks import CheckpointHook, Hook
+from mmengine.hooks import CheckpointHook, Hook, LoggerHook
 from mmengine.model import is_model_wrapper
+from mmengine.optim import OptimWrapper
+from mmengine.dataset import DefaultSampler
 from mmengine.runner import EpochBasedTrainLoop
+from torch.utils.data import DataLoader
 
 from .cbn import CrossIterationBatchNorm2d
 from .pairing import cbn_layers, pair_cbn_layers
+from .precise_stats import load_population_statistics, population_statistics
 
 __all__ = ['CBNBurnInHook', 'check_sync_bn']
 
@@ -69,15 +79,31 @@ class CBNBurnInHook(Hook):
     load gives each rank its own back. Resumed with another number of ranks, the windows start
     empty (logged).
 
+    **Statistics for evaluation.** Before every validation during training and before the
+    last checkpoint (if a ``CheckpointHook`` saves one) it re-estimates the running statistics
+    of every BN-like layer (BN and CBN) at the current weights: ``precise_batches`` training
+    batches forwarded without gradient, each layer normalizing with its batch's statistics,
+    and their exact pooled mean and variance (:func:`mmdet_cbn.population_statistics`).
+    Nothing of training changes (random states, CBN histories and data order are kept). The
+    running averages of training lag weights that drift fast along directions the normalized
+    forward ignores (a channel's mean), which CBN's training forward tolerates and BN's rarely
+    meets (``docs/eval_statistics.md``). At its logging interval the hook records the
+    fraction of compensated past variances that were clamped at 0, ``train/cbn_clamped_var``
+    (all layers) and ``train/cbn_clamped_var_max`` (the worst layer).
+
     Args:
         burnin_epochs: epochs with window 1 (paper: 3 on COCO). Exclusive with ``burnin_iters``.
             Under an iteration-based loop it counts ``len(train_dataloader)`` iterations each.
         burnin_iters: iterations with window 1.
+        precise_batches: training batches for the re-estimation (costs as many forward
+            passes without gradient); 0 keeps the running statistics of training (exponential
+            averages of the window statistics).
     """
 
     priority = 'NORMAL'
 
-    def __init__(self, burnin_epochs: int | None = None, burnin_iters: int | None = None) -> None:
+    def __init__(self, burnin_epochs: int | None = None, burnin_iters: int | None = None,
+                 precise_batches: int = 100) -> None:
         if (burnin_epochs is None) == (burnin_iters is None):
             raise ValueError('CBNBurnInHook needs exactly one of burnin_epochs or burnin_iters '
                              f'(got burnin_epochs={burnin_epochs!r}, '
@@ -86,10 +112,17 @@ class CBNBurnInHook(Hook):
         if not isinstance(length, int) or length < 0:
             raise ValueError(f'CBNBurnInHook burn-in length must be an integer >= 0, got '
                              f'{length!r}')
+        if not isinstance(precise_batches, int) or precise_batches < 0:
+            raise ValueError(f'CBNBurnInHook precise_batches must be an integer >= 0, got '
+                             f'{precise_batches!r}')
         self.burnin_epochs = burnin_epochs
         self.burnin_iters = burnin_iters
+        self.precise_batches = precise_batches
         self._window_logged: bool | None = None
         self._rank_states: dict | None = None
+        self._training = False  # validations in between re-estimate the statistics
+        self._estimated_at: int | None = None  # the iteration of the last re-estimation
+        self._estimation_loader = None  # iteration-based loops: a loader of its own
 
     @staticmethod
     def _model(runner):
@@ -140,7 +173,32 @@ class CBNBurnInHook(Hook):
                 self._window_logged = burnin
 
     def after_train_iter(self, runner, batch_idx: int, data_batch=None, outputs=None) -> None:
+        self._log_clamped_variances(runner, batch_idx)
+        if self.is_last_train_iter(runner) and not self._epoch_based(runner):
+            self._re_estimate_before_last_checkpoint(runner)
         self._gather_before_save(runner, by_epoch=False)
+
+    def _log_clamped_variances(self, runner, batch_idx: int) -> None:
+        """At the logger's interval, the fraction of compensated past variances that were
+        below 0 (clamped) since the last time: over all CBN layers (``train/cbn_clamped_var``)
+        and in the worst layer (``train/cbn_clamped_var_max``). The layers count on their
+        device; this is the diagnostic's only host sync."""
+        interval = next((h.interval for h in runner.hooks if isinstance(h, LoggerHook)), 50)
+        if not (self.every_n_inner_iters(batch_idx, interval)
+                or self.end_of_epoch(runner.train_dataloader, batch_idx)):
+            return
+        layers = [layer for _, layer in cbn_layers(self._model(runner))]
+        if not layers:
+            return
+        counts = torch.stack([layer.clamped_variances for layer in layers]).cpu()
+        for layer in layers:
+            layer.clamped_variances.zero_()
+        clamped, compensated = counts.sum(0).tolist()
+        if compensated:  # none during burn-in
+            per_layer = counts[:, 0] / counts[:, 1].clamp_min(1)
+            runner.message_hub.update_scalar('train/cbn_clamped_var', clamped / compensated)
+            runner.message_hub.update_scalar('train/cbn_clamped_var_max',
+                                             per_layer.max().item())
 
     def after_train_epoch(self, runner) -> None:
         bad = {name: int(layer.nonfinite_batches) for name, layer in
@@ -149,7 +207,69 @@ class CBNBurnInHook(Hook):
             runner.logger.warning(
                 f'CBN: non-finite batch statistics were kept out of the history and running '
                 f'statistics: {bad} (layer: batches so far). Check the loss and learning rate.')
+        if self.is_last_train_epoch(runner) and self._epoch_based(runner):
+            self._re_estimate_before_last_checkpoint(runner)
         self._gather_before_save(runner, by_epoch=True)
+
+    def before_train_epoch(self, runner) -> None:
+        self._training = True
+
+    def after_train(self, runner) -> None:
+        self._training = False
+
+    def before_val_epoch(self, runner) -> None:
+        if self._training:
+            self._re_estimate_statistics(runner)
+
+    def _re_estimate_before_last_checkpoint(self, runner) -> None:
+        if any(isinstance(hook, CheckpointHook) for hook in runner.hooks):
+            self._re_estimate_statistics(runner)
+
+    @staticmethod
+    def _epoch_based(runner) -> bool:
+        return isinstance(runner.train_loop, EpochBasedTrainLoop)
+
+    def _re_estimate_statistics(self, runner) -> None:
+        """Running statistics of every BN-like layer re-estimated at the current weights from
+        ``precise_batches`` training batches (once per iteration count)."""
+        if not self.precise_batches or self._estimated_at == runner.iter:
+            return
+        self._estimated_at = runner.iter
+        model = self._model(runner)
+        optim_wrapper = runner.optim_wrapper
+
+        def forward(batch) -> None:  # in the training forward's precision (autocast of Amp)
+            with (optim_wrapper.optim_context(model) if isinstance(optim_wrapper, OptimWrapper)
+                  else contextlib.nullcontext()):
+                model._run_forward(model.data_preprocessor(batch, True), mode='loss')
+
+        began = time.perf_counter()
+        stats = population_statistics(
+            model, islice(self._estimation_loader_of(runner), self.precise_batches), forward)
+        load_population_statistics(model, stats)
+        runner.logger.info(f'CBN: running statistics of {len(stats)} norm layers re-estimated '
+                           f'at the current weights from {self.precise_batches} training '
+                           f'batches in {time.perf_counter() - began:.1f} s')
+
+    def _estimation_loader_of(self, runner):
+        """The training loader where its iteration is over (the end of an epoch, of training);
+        in the middle of an iteration-based run a loader of its own, which leaves the
+        training's (infinite) sampler and workers where they are: built from
+        ``cfg.train_dataloader``, or, without a config, the training dataset with a shuffling
+        sampler of the run's seed."""
+        if self._epoch_based(runner) or self.is_last_train_iter(runner):
+            return runner.train_dataloader
+        if self._estimation_loader is None:
+            loader_cfg = copy.deepcopy(runner.cfg.get('train_dataloader'))
+            if loader_cfg is not None:
+                loader_cfg['persistent_workers'] = False
+                self._estimation_loader = runner.build_dataloader(loader_cfg, seed=runner.seed)
+            else:
+                loader = runner.train_dataloader
+                self._estimation_loader = DataLoader(
+                    loader.dataset, batch_size=loader.batch_size, collate_fn=loader.collate_fn,
+                    sampler=DefaultSampler(loader.dataset, shuffle=True, seed=runner.seed))
+        return self._estimation_loader
 
     def _gather_before_save(self, runner, by_epoch: bool) -> None:
         """On every rank, when the ``CheckpointHook`` is about to save (it runs after this
