@@ -22,20 +22,26 @@ __all__ = ['CrossIterationBatchNorm2d']
 
 COMPENSATIONS = ('taylor', 'none')
 _RENAMED = {'backprop_past_stats': "the exact gradient is now the default; the authors' "
-                                   'detached variant is detach_compensation=True'}
+                                   'detached variant is detach_compensation=True',
+            'process_group': "statistics pooled across GPUs are type='SyncCBN'"}
 _layer_numbers = itertools.count()  # gives each layer's sampler its own seed
 
 
-def _unknown_arguments_message(unknown: dict) -> str:
-    valid = [p for p in inspect.signature(CrossIterationBatchNorm2d.__init__).parameters
-             if p not in ('self', 'unknown')]
+def _unknown_arguments_message(layer: type, unknown: dict) -> str:
+    valid = list(dict.fromkeys(
+        p for cls in reversed(layer.__mro__) if '__init__' in vars(cls)
+        and issubclass(cls, CrossIterationBatchNorm2d)
+        for p, spec in inspect.signature(cls.__init__).parameters.items()
+        if p not in ('self', 'unknown') and spec.kind not in (spec.VAR_POSITIONAL,
+                                                              spec.VAR_KEYWORD)))
     hints = []
     for key in unknown:
         close = difflib.get_close_matches(key, valid, n=1)
         hint = _RENAMED.get(key) or (f'did you mean {close[0]!r}?' if close else None)
         hints.append(f'{key!r}' + (f' ({hint})' if hint else ''))
-    return (f"CBN (CrossIterationBatchNorm2d) got unknown argument(s) {', '.join(hints)}; "
-            f"valid keys of norm_cfg=dict(type='CBN', ...) are {', '.join(valid)} and "
+    short = 'SyncCBN' if layer.__name__.startswith('Sync') else 'CBN'
+    return (f"{short} ({layer.__name__}) got unknown argument(s) {', '.join(hints)}; "
+            f"valid keys of norm_cfg=dict(type='{short}', ...) are {', '.join(valid)} and "
             'requires_grad')
 
 
@@ -114,7 +120,7 @@ class CrossIterationBatchNorm2d(_BatchNorm):
                  detach_compensation: bool = False, fused: bool | None = None, device=None,
                  dtype=None, *, bias: bool = True, **unknown) -> None:
         if unknown:
-            raise TypeError(_unknown_arguments_message(unknown))
+            raise TypeError(_unknown_arguments_message(type(self), unknown))
         super().__init__(num_features, eps, momentum, affine, track_running_stats, device,
                          dtype, bias=bias)
         for name, value, low in (('window_size', window_size, 1),
@@ -246,15 +252,16 @@ class CrossIterationBatchNorm2d(_BatchNorm):
         site, recomputing, starts = calls.enter(input, self.layer_name)
         window = self.window_override if self.window_override is not None else (
             self.window_size)  # the layer's own burn-in: its records stay out of the window
+        group = self._synchronized_group()
         if input.numel() > 0:
-            self._check_call(input, conv_io, site, window, starts, recomputing)
+            self._check_call(input, conv_io, site, window, starts, recomputing, group)
         if starts:
             self._start_iteration()
-        if input.numel() == 0:  # e.g. a RoI head without RoIs: touch no statistic
+        if input.numel() == 0 and group is None:  # e.g. no RoIs: touch no statistic
             out = self._empty_forward(input)
         else:
             history = None if window == 1 else self._history(site, window, input)
-            out = self._training_step(input, conv_io, history, recomputing)
+            out = self._training_step(input, conv_io, history, recomputing, group)
         if not recomputing:
             calls.leave(site, input, out, self.layer_name)
             if out.requires_grad and not self._backward_watched and (
@@ -263,11 +270,11 @@ class CrossIterationBatchNorm2d(_BatchNorm):
         return out
 
     def _check_call(self, y: Tensor, conv_io: tuple[Tensor, Tensor] | None, site: int,
-                    window: int, starts: bool, recomputing: bool) -> None:
+                    window: int, starts: bool, recomputing: bool, group: object | None) -> None:
         """Refuse a call that cannot be normalized, before anything changes."""
         if window > 1 and self.compensation == 'taylor' and not recomputing:
             self._verify_conv(conv_io)
-        if y.numel() == y.shape[1] and not torch.compiler.is_compiling():
+        if y.numel() == y.shape[1] and group is None and not torch.compiler.is_compiling():
             history = self.histories[site] if window > 1 and site < len(self.histories) else None
             in_burnin = self.window_override is None and self.burnin_iters >= self.steps + starts
             if in_burnin or history is None or history.filled + (
@@ -313,8 +320,13 @@ class CrossIterationBatchNorm2d(_BatchNorm):
         self.histories[site] = history
         return history
 
+    def _synchronized_group(self) -> object | None:
+        """The process group whose ranks pool their statistics (SyncCBN), or None."""
+        return None
+
     def _training_step(self, y: Tensor, conv_io: tuple[Tensor, Tensor] | None,
-                       history: History | None, recomputing: bool) -> Tensor:
+                       history: History | None, recomputing: bool,
+                       group: object | None) -> Tensor:
         """Read the state, run :func:`~mmdet_cbn.functional.training_step` (fused where it
         pays), which writes the record and the running statistics in place."""
         if history is None:
@@ -325,7 +337,7 @@ class CrossIterationBatchNorm2d(_BatchNorm):
             self.eps, self.momentum, self.track_running_stats,
             self._geometry if taylor else None, self.detach_compensation,
             self.grad_nu_stride, self.burnin_iters if self.window_override is None else 0)
-        step = fused_step if self._use_fused(y) else training_step
+        step = fused_step if group is None and self._use_fused(y) else training_step
         with torch.autocast(y.device.type, enabled=False) if _autocast_on(y) else _nothing():
             return step(y, None if conv_io is None else conv_io[0], self.weight, self.bias,
                         conv.weight if taylor else None, conv.bias if taylor else None,
@@ -335,7 +347,7 @@ class CrossIterationBatchNorm2d(_BatchNorm):
                         nonfinite_batches=self.nonfinite_batches,
                         clamped_variances=self.clamped_variances, iteration=self.iterations,
                         options=options, record=not recomputing,
-                        draw=self._draw() if taylor and not recomputing else (0, 0))
+                        draw=self._draw() if taylor and not recomputing else (0, 0), group=group)
 
     def _use_fused(self, y: Tensor) -> bool:
         """The compiled step: where asked for, by default on CUDA; never inside a model that

@@ -16,6 +16,7 @@ import functools
 from typing import NamedTuple
 
 import torch
+import torch.distributed as dist
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
@@ -23,6 +24,7 @@ __all__ = [
     'ConvGeometry', 'SlotRecord', 'stat_dtype', 'mean_input_patch', 'grad_var_wrt_weight',
     'record_statistics', 'compensate', 'PastRecords', 'window_normalize', 'nonfinite',
     'update_running_stats', 'record_layout', 'RingState', 'StepOptions', 'training_step',
+    'PooledMoments', 'pool_moments',
 ]
 
 
@@ -189,7 +191,8 @@ def _constant(shape: tuple[int, ...], value: float, device: torch.device,
 
 def record_statistics(x: Tensor | None, y: Tensor, mean: Tensor, var: Tensor,
                       weight: Tensor | None, geometry: ConvGeometry | None, *,
-                      grad_stride: int = 1, draw: tuple[int, int] = (0, 0)) -> SlotRecord:
+                      grad_stride: int = 1, draw: tuple[int, int] = (0, 0),
+                      pooled: 'PooledMoments | None' = None) -> SlotRecord:
     """The record of the current iteration: what compensating it later needs (no gradient).
 
     Args:
@@ -201,9 +204,32 @@ def record_statistics(x: Tensor | None, y: Tensor, mean: Tensor, var: Tensor,
             at least ``4 s^2`` images (RoI heads) every ``s^2``-th image from ``draw[0]``,
             else every ``s``-th position in each direction from ``draw``.
         draw: the random offsets in ``[0, s)``, ``[0, s^2)`` for images.
+        pooled: the batch's moments pooled across ranks (then ``mean`` and ``var`` are
+            those): ``Xbar`` and ``d var / d W`` are sums over the examples, so each rank's
+            (``d var / d W`` about the pooled mean) weighs ``M_r / M`` in one all-reduce, and
+            every rank gets the record of the whole batch.
     """
     if geometry is None:
         return SlotRecord(mean, var, None, None)
+    if y.numel() == 0:  # this rank has no examples: it adds nothing to the pooled record
+        depth = geometry.depth(x.shape[1])
+        xbar = mean.new_zeros(geometry.groups, depth)
+        grad_var = mean.new_zeros(y.shape[1], depth)
+    else:
+        xbar, grad_var = _local_record(x, y, mean, geometry, grad_stride, draw)
+    if pooled is not None:
+        share = y.numel() // y.shape[1] / pooled.count
+        both = torch.cat([xbar.reshape(-1), grad_var.reshape(-1)]).mul_(share)
+        dist.all_reduce(both, group=pooled.group)
+        xbar, grad_var = both[:xbar.numel()].view_as(xbar), both[xbar.numel():].view_as(grad_var)
+    flat_weight = weight.reshape(weight.shape[0], -1).to(grad_var.dtype)
+    var_intercept = var - torch.linalg.vecdot(grad_var, flat_weight)
+    return SlotRecord(mean, var_intercept, xbar, grad_var)
+
+
+def _local_record(x: Tensor, y: Tensor, mean: Tensor, geometry: ConvGeometry,
+                  grad_stride: int, draw: tuple[int, int]) -> tuple[Tensor, Tensor]:
+    """``Xbar`` and ``d var / d W`` (about ``mean``) of this process's examples."""
     xbar = mean_input_patch(x, geometry, y.shape[2:])
     step = grad_stride ** 2
     if grad_stride > 1 and y.shape[0] >= 4 * step:
@@ -214,9 +240,7 @@ def record_statistics(x: Tensor | None, y: Tensor, mean: Tensor, var: Tensor,
     else:
         grad_var = grad_var_wrt_weight(x, y, mean, geometry, stride=grad_stride,
                                        offset=(draw[0] % grad_stride, draw[1] % grad_stride))
-    flat_weight = weight.reshape(weight.shape[0], -1).to(grad_var.dtype)
-    var_intercept = var - torch.linalg.vecdot(grad_var, flat_weight)
-    return SlotRecord(mean, var_intercept, xbar, grad_var)
+    return xbar, grad_var
 
 
 def compensate(weight: Tensor | None, bias: Tensor | None, *, mean: Tensor,
@@ -266,6 +290,38 @@ def _batch_moments(y: Tensor) -> tuple[Tensor, Tensor]:
     return torch.batch_norm_update_stats(y, None, None, 0.0)
 
 
+class PooledMoments(NamedTuple):
+    """The current batch's per-channel moments over all ranks of a process group (SyncCBN)."""
+
+    mean: Tensor  # (C,)
+    var: Tensor  # (C,) biased
+    count: Tensor  # () examples per channel over all ranks, M = sum_r M_r
+    group: object  # the torch.distributed process group
+
+
+def pool_moments(y: Tensor, group) -> PooledMoments:
+    """Mean and biased variance of ``y``'s channels over every rank of ``group``, as SyncBN:
+    each rank's ``(M_r, mu_r, var_r)`` gathered (one collective), then combined by the
+    parallel-variance rule ``var = sum_r M_r (var_r + (mu_r - mu)^2) / M``, which no large
+    moment cancels in. A rank with an empty ``y`` contributes ``M_r = 0``."""
+    dtype = stat_dtype(y)
+    channels = y.shape[1]
+    if y.numel() == 0:
+        mean = var = torch.zeros(channels, dtype=dtype, device=y.device)
+    else:
+        mean, var = _batch_moments(y if y.dtype == dtype else y.to(dtype))
+    count = torch.full((1,), y.numel() // channels, dtype=dtype, device=y.device)
+    local = torch.cat([count, mean, var])
+    ranks = [torch.empty_like(local) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(ranks, local, group=group)
+    counts, means, variances = torch.stack(ranks).split([1, channels, channels], dim=1)
+    total = counts.sum()
+    share = counts / total  # (R, 1)
+    pooled_mean = (share * means).sum(0)
+    pooled_var = (share * (variances + (means - pooled_mean).square())).sum(0)
+    return PooledMoments(pooled_mean, pooled_var, total, group)
+
+
 class PastRecords(NamedTuple):
     """The window's past slots as the normalization reads them (none of them needs grad)."""
 
@@ -295,10 +351,12 @@ class _WindowNormalize(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, y, gamma, beta, weight, bias, past, eps):
+    def forward(ctx, y, gamma, beta, weight, bias, past, eps, pooled):
         dtype = stat_dtype(y)
-        y_stats = y if y.dtype == dtype else y.to(dtype)
-        mean, var = _batch_moments(y_stats)
+        if pooled is None:
+            mean, var = _batch_moments(y if y.dtype == dtype else y.to(dtype))
+        else:  # the moments of every rank's batch: outputs of this node, hence copies
+            mean, var = pooled.mean.clone(), pooled.var.clone()
         if past is None:  # k = 1: the batch is the window
             k, mu_bar, var_bar = None, mean, var
             clamped = torch.zeros((), dtype=torch.long, device=y.device)
@@ -321,7 +379,7 @@ class _WindowNormalize(torch.autograd.Function):
             gamma, beta = (None if p is None else p.to(dtype) for p in (gamma, beta))
         out = torch.batch_norm(y, gamma, beta, mu_bar, var_bar, False, 0.0, eps, True)
         ctx.save_for_backward(y, gamma, mu_bar, var_bar)
-        ctx.eps, ctx.k = eps, k
+        ctx.eps, ctx.k, ctx.pooled = eps, k, pooled
         ctx.weight_shape = None if weight is None else weight.shape
         window = torch.stack([mu_bar, var_bar])
         ctx.mark_non_differentiable(mean, var, window, clamped)
@@ -332,13 +390,15 @@ class _WindowNormalize(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad_out, *unused):
         if grad_out is None:  # only the (non-differentiable) statistics were used
-            return (None,) * 7
+            return (None,) * 8
         y, gamma, mu_bar, var_bar = ctx.saved_tensors
         inv_std = (var_bar + ctx.eps).rsqrt_()
         if gamma is None:
             gamma = torch.ones_like(inv_std)
         elif gamma.dtype != inv_std.dtype:
             gamma = gamma.to(inv_std.dtype)
+        if ctx.pooled is not None:
+            return _pooled_backward(ctx, grad_out, y, gamma, mu_bar, inv_std)
         k = ctx.k
         if k is None:  # BatchNorm's backward
             grad_y, grad_gamma, g_sum = torch.ops.aten.native_batch_norm_backward.default(
@@ -365,6 +425,39 @@ class _WindowNormalize(torch.autograd.Function):
             grad_var_bar_2=gamma_inv_std.mul_(inv_std).mul_(grad_gamma))
         return _input_grads(ctx, grad_y, grad_gamma, g_sum, grad_weight.view(ctx.weight_shape),
                             grad_bias)
+
+
+def _pooled_backward(ctx, grad_out: Tensor, y: Tensor, gamma: Tensor, mu_bar: Tensor,
+                     inv_std: Tensor) -> tuple[Tensor | None, ...]:
+    """The backward with the batch's moments pooled across ranks (SyncCBN).
+
+    With ``a = gamma inv_std`` and the sums over every rank's examples ``G = sum(g)``,
+    ``Q = sum(g (y - mu_bar)) inv_std`` (one all-reduce of ``(2, C)``), the input gradient is
+    ``a (g - G / (k M) - (y - mu_bar) inv_std Q / (k M))`` with ``M`` the pooled count, i.e.
+    Eq. 9-11 of the pooled objective. ``gamma``, ``beta`` and the conv weight (through the
+    compensation) get this rank's share only, from its own sums: DDP sums the ranks' shares.
+    """
+    channels = y.shape[1]
+    if y.numel() == 0:
+        own_q = own_g = inv_std.new_zeros(channels)
+    else:  # BN's kernel for the two sums only: sum(g (y - m)) inv_std, sum(g)
+        _, own_q, own_g = torch.ops.aten.native_batch_norm_backward.default(
+            grad_out, y, gamma, None, None, mu_bar, inv_std, True, ctx.eps,
+            [False, True, True])
+    both = torch.stack([own_g, own_q]).to(inv_std.dtype)
+    dist.all_reduce(both, group=ctx.pooled.group)
+    k_count = ctx.pooled.count * (1 if ctx.k is None else ctx.k)
+    a = gamma * inv_std
+    slope = (a * inv_std * both[1]).div_(-k_count)  # per channel, times y
+    offset = torch.addcmul(a * both[0] / -k_count, slope, mu_bar, value=-1)
+    grad_y = torch.addcmul(offset.view(1, -1, 1, 1), grad_out.to(a.dtype), a.view(1, -1, 1, 1))
+    grad_y = grad_y.addcmul_(y.to(a.dtype), slope.view(1, -1, 1, 1)).to(y.dtype)
+    if not hasattr(ctx, 'slot_terms'):
+        return _input_grads(ctx, grad_y, own_q, own_g)
+    grad_weight, grad_bias = _grad_through_compensation(
+        ctx.past, *ctx.slot_terms, neg_grad_mu_bar=a * own_g.to(a.dtype),
+        grad_var_bar_2=a * inv_std * own_q.to(a.dtype))
+    return _input_grads(ctx, grad_y, own_q, own_g, grad_weight.view(ctx.weight_shape), grad_bias)
 
 
 def _input_grads(ctx, *grads: Tensor) -> tuple[Tensor | None, ...]:
@@ -406,7 +499,7 @@ def _grad_through_compensation(past: PastRecords, spread: Tensor, var_hat: Tenso
 
 def window_normalize(y: Tensor, gamma: Tensor | None, beta: Tensor | None, eps: float, *,
                      weight: Tensor | None = None, bias: Tensor | None = None,
-                     past: PastRecords | None = None
+                     past: PastRecords | None = None, pooled: PooledMoments | None = None
                      ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Normalize ``y`` with the statistics of the window (Eq. 7-11).
 
@@ -417,6 +510,8 @@ def window_normalize(y: Tensor, gamma: Tensor | None, beta: Tensor | None, eps: 
         weight, bias: the current conv weight and bias the past slots are compensated to.
             The gradient flows through the compensation into them unless they are detached.
         past: the past slots, or None (then this is BatchNorm's training forward).
+        pooled: the batch's moments over all ranks (:func:`pool_moments`), or None for this
+            process's own: then the backward all-reduces its per-channel sums (SyncBN's rule).
 
     Returns:
         ``(out, mean, var, window, clamped)``: the normalized ``y`` (dtype of ``y``) and,
@@ -426,7 +521,7 @@ def window_normalize(y: Tensor, gamma: Tensor | None, beta: Tensor | None, eps: 
         and were clamped (Eq. 10's ``max``): a sign that the weights moved too far for the
         Taylor step.
     """
-    return _WindowNormalize.apply(y, gamma, beta, weight, bias, past, eps)
+    return _WindowNormalize.apply(y, gamma, beta, weight, bias, past, eps, pooled)
 
 
 def nonfinite(t: Tensor) -> Tensor:
@@ -493,8 +588,8 @@ def training_step(y: Tensor, x: Tensor | None, gamma: Tensor | None, beta: Tenso
                   ring: RingState | None, running_mean: Tensor | None,
                   running_var: Tensor | None, num_batches_tracked: Tensor | None,
                   nonfinite_batches: Tensor, clamped_variances: Tensor, iteration: Tensor,
-                  options: StepOptions,
-                  draw: tuple[int, int] = (0, 0), record: bool = True) -> Tensor:
+                  options: StepOptions, draw: tuple[int, int] = (0, 0), record: bool = True,
+                  group: object | None = None) -> Tensor:
     """One training call of a CBN layer (Eq. 7-11), its record and the running statistics.
 
     Normalizes ``y = conv(x; conv_weight, conv_bias)`` with the statistics of the window of
@@ -517,6 +612,9 @@ def training_step(y: Tensor, x: Tensor | None, gamma: Tensor | None, beta: Tenso
         options: the layer's constants.
         draw: offsets for a sampled ``d var / d W`` (``options.grad_stride > 1``).
         record: False for a gradient-checkpointing recomputation: normalize, change nothing.
+        group: a process group of more than one rank: the batch's moments and the record
+            are pooled over its ranks (SyncCBN; every rank makes the same calls), which keep
+            identical rings and running statistics. None: this process's batch alone.
 
     Returns:
         The normalized ``y``.
@@ -536,8 +634,9 @@ def training_step(y: Tensor, x: Tensor | None, gamma: Tensor | None, beta: Tenso
             weight, bias = conv_weight, conv_bias
             if options.detach_compensation:
                 weight, bias = weight.detach(), None if bias is None else bias.detach()
+    pooled = None if group is None else pool_moments(y, group)
     out, mean, var, window, clamped = window_normalize(
-        y, gamma, beta, options.eps, weight=weight, bias=bias, past=past)
+        y, gamma, beta, options.eps, weight=weight, bias=bias, past=past, pooled=pooled)
     if not record:
         return out
     with torch.no_grad():
@@ -548,7 +647,8 @@ def training_step(y: Tensor, x: Tensor | None, gamma: Tensor | None, beta: Tenso
             clamped_variances.add_(torch.stack([clamped, compensated]))
         if ring is not None:
             slot = record_statistics(x, y, mean, var, conv_weight, geometry,
-                                     grad_stride=options.grad_stride, draw=draw)
+                                     grad_stride=options.grad_stride, draw=draw,
+                                     pooled=pooled)
             valid = (torch.ones(1, dtype=mean.dtype, device=mean.device)
                      if options.burnin_iters == 0 else
                      (iteration > options.burnin_iters).to(mean.dtype).view(1))
@@ -562,7 +662,7 @@ def training_step(y: Tensor, x: Tensor | None, gamma: Tensor | None, beta: Tenso
             num_batches_tracked.add_(1)
             factor = (options.momentum if options.momentum is not None
                       else 1.0 / num_batches_tracked.to(window.dtype))
-            count = y.numel() // y.shape[1]
+            count = y.numel() // y.shape[1] if pooled is None else pooled.count
             update_running_stats(running_mean, running_var, window.masked_fill_(bad, 0),
                                  examples=count if ring is None else ring.window[0] * count,
                                  factor=factor, keep=bad.logical_not())

@@ -17,20 +17,23 @@ from mmengine.runner import EpochBasedTrainLoop
 from torch.utils.data import DataLoader
 
 from .cbn import CrossIterationBatchNorm2d
+from .sync_cbn import SyncCrossIterationBatchNorm2d
 from .pairing import cbn_layers, pair_cbn_layers
 from .precise_stats import load_population_statistics, population_statistics
 
 __all__ = ['CBNBurnInHook', 'check_sync_bn']
 
-_CBN_TYPES = ('CBN', 'CrossIterationBatchNorm2d', CrossIterationBatchNorm2d, 'CBNBurnInHook')
+_CBN_TYPES = ('CBN', 'CrossIterationBatchNorm2d', CrossIterationBatchNorm2d, 'SyncCBN',
+              'SyncCrossIterationBatchNorm2d', SyncCrossIterationBatchNorm2d, 'CBNBurnInHook')
 
 
 def _sync_bn_message(sync_bn: object) -> str:
     return (f"sync_bn={sync_bn!r} is set in the config: in a distributed run mmengine's Runner "
             'converts every _BatchNorm of the model to SyncBatchNorm '
             '(mmengine.model.convert_sync_batchnorm), CBN layers included, so the run would '
-            'train SyncBN instead of CBN. Fix: remove sync_bn from the config (CBN aggregates '
-            'iterations, each GPU its own; a synchronized CBN is not available yet).')
+            'train SyncBN instead of CBN. Fix: remove sync_bn from the config; for CBN '
+            "statistics pooled across the GPUs as well, norm_cfg=dict(type='SyncCBN', ...) "
+            "(or mmdet_cbn.convert_cbn(model, sync=True)).")
 
 
 def _mentions_cbn(node: object) -> bool:
@@ -77,7 +80,8 @@ class CBNBurnInHook(Hook):
     CBN statistics are per process, and mmengine saves rank 0's model only: before each
     checkpoint the hook gathers every rank's CBN state into it (``cbn_rank_states``), and on
     load gives each rank its own back. Resumed with another number of ranks, the windows start
-    empty (logged).
+    empty (logged). SyncCBN layers hold the same state on every rank: it is saved once, in the
+    model's, and resumes with any number of ranks.
 
     **Statistics for evaluation.** Before every validation during training and before the
     last checkpoint (if a ``CheckpointHook`` saves one) it re-estimates the running statistics
@@ -276,7 +280,8 @@ class CBNBurnInHook(Hook):
         hook): collect each rank's CBN state on rank 0."""
         rank, world_size = get_dist_info()
         saver = next((h for h in runner.hooks if isinstance(h, CheckpointHook)), None)
-        if world_size == 1 or saver is None or saver.by_epoch != by_epoch:
+        layers = _per_rank_layers(self._model(runner))
+        if world_size == 1 or not layers or saver is None or saver.by_epoch != by_epoch:
             return
         if by_epoch:
             due = saver.every_n_epochs(runner, saver.interval, saver.save_begin) or (
@@ -288,7 +293,7 @@ class CBNBurnInHook(Hook):
             return
         state = {name: {key: value.cpu() for key, value in layer.state_dict().items()
                         if key not in ('weight', 'bias')}
-                 for name, layer in cbn_layers(self._model(runner))}
+                 for name, layer in layers}
         gathered = [None] * world_size if rank == 0 else None
         dist.gather_object(state, gathered, dst=0)
         self._rank_states = gathered
@@ -307,7 +312,7 @@ class CBNBurnInHook(Hook):
         rank, world_size = get_dist_info()
         weights = checkpoint['state_dict']
         own = states[rank] if len(states) == world_size else None
-        names = [name for name, _ in cbn_layers(self._model(runner))]
+        names = [name for name, _ in _per_rank_layers(self._model(runner))]
         histories = tuple(f'{name}.cbn_history.' for name in names)
         for key in [k for k in weights if k.startswith(histories)]:  # rank 0's call sites
             del weights[key]
@@ -318,3 +323,9 @@ class CBNBurnInHook(Hook):
             runner.logger.warning(
                 f'CBN: the checkpoint holds the CBN state of {len(states)} ranks, this run has '
                 f'{world_size}: CBN windows start empty (running statistics: rank 0\'s).')
+
+
+def _per_rank_layers(model) -> list[tuple[str, CrossIterationBatchNorm2d]]:
+    """The CBN layers whose state differs from rank to rank (not SyncCBN)."""
+    return [(name, layer) for name, layer in cbn_layers(model)
+            if not isinstance(layer, SyncCrossIterationBatchNorm2d)]

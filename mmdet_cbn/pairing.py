@@ -14,6 +14,7 @@ from __future__ import annotations
 from torch import nn
 
 from .cbn import CrossIterationBatchNorm2d
+from .sync_cbn import SyncCrossIterationBatchNorm2d
 
 __all__ = ['pair_cbn_layers', 'convert_cbn', 'cbn_layers']
 
@@ -68,35 +69,36 @@ def pair_cbn_layers(model: nn.Module, strict: bool = True) -> dict[str, str]:
 
 
 def convert_cbn(module: nn.Module, window_size: int = 4, compensation: str = 'taylor',
-                burnin_iters: int = 0, **kwargs) -> nn.Module:
+                burnin_iters: int = 0, *, sync: bool = False, **kwargs) -> nn.Module:
     """Replace every ``BatchNorm2d`` of ``module`` by CBN and pair the new layers.
 
     Like ``torch.nn.SyncBatchNorm.convert_sync_batchnorm``: parameters (``bias=False``
     included), running statistics, ``requires_grad``, device and dtype carry over; the input
     module is changed in place and returned (or the new layer, when ``module`` itself is a
-    BatchNorm2d). Extra keyword arguments go to :class:`CrossIterationBatchNorm2d`.
+    BatchNorm2d). ``sync=True`` makes :class:`SyncCrossIterationBatchNorm2d` layers (extra
+    keyword ``process_group``). Extra keyword arguments go to the layer.
     """
-    converted = _convert(module, dict(window_size=window_size, compensation=compensation,
-                                      burnin_iters=burnin_iters, **kwargs))
+    layer = SyncCrossIterationBatchNorm2d if sync else CrossIterationBatchNorm2d
+    converted = _convert(module, layer, dict(window_size=window_size, compensation=compensation,
+                                             burnin_iters=burnin_iters, **kwargs))
     if not isinstance(converted, CrossIterationBatchNorm2d):
         pair_cbn_layers(converted)
     return converted
 
 
-def _convert(module: nn.Module, cbn_kwargs: dict) -> nn.Module:
+def _convert(module: nn.Module, layer: type, cbn_kwargs: dict) -> nn.Module:
     if isinstance(module, nn.BatchNorm2d) and not isinstance(module, CrossIterationBatchNorm2d):
         # the device and dtype of the layer's parameters, else of its running statistics
         floats = [t for t in (*module.parameters(), *module.buffers()) if t.is_floating_point()]
-        new = CrossIterationBatchNorm2d(module.num_features, module.eps, module.momentum,
-                                        module.affine, module.track_running_stats,
-                                        device=floats[0].device if floats else None,
-                                        dtype=floats[0].dtype if floats else None,
-                                        bias=module.bias is not None, **cbn_kwargs)
+        new = layer(module.num_features, module.eps, module.momentum, module.affine,
+                    module.track_running_stats, device=floats[0].device if floats else None,
+                    dtype=floats[0].dtype if floats else None,
+                    bias=module.bias is not None, **cbn_kwargs)
         new.load_state_dict(module.state_dict(), strict=False)
         for name, parameter in module.named_parameters(recurse=False):
             getattr(new, name).requires_grad_(parameter.requires_grad)
         new.train(module.training)
         return new
     for name, child in module.named_children():
-        module.add_module(name, _convert(child, cbn_kwargs))
+        module.add_module(name, _convert(child, layer, cbn_kwargs))
     return module

@@ -15,11 +15,13 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from .functional import stat_dtype
+from .sync_cbn import SyncCrossIterationBatchNorm2d
 
 __all__ = ['PopulationStatistics', 'population_statistics', 'load_population_statistics',
            'norm_layers_with_running_stats']
@@ -53,6 +55,19 @@ class _Accumulator:
         self.squares += batch_var * batch_count + delta.square() * (self.count * batch_count
                                                                     / total)
         self.count = total
+
+    def pool(self, group) -> None:
+        """Merge the accumulators of every rank of ``group`` (one gather), so that all ranks
+        hold the statistics of all their examples."""
+        local = torch.cat([self.mean.new_full((1,), self.count), self.mean, self.squares])
+        ranks = [torch.empty_like(local) for _ in range(dist.get_world_size(group))]
+        dist.all_gather(ranks, local, group=group)
+        counts, means, squares = torch.stack(ranks).split([1, len(self.mean), len(self.mean)], 1)
+        total = counts.sum()
+        if total > 0:
+            self.mean = (counts * means).sum(0) / total
+            self.squares = (squares + counts * (means - self.mean).square()).sum(0)
+        self.count = int(total)
 
     def result(self) -> PopulationStatistics:
         var = self.squares / max(self.count - 1, 1)
@@ -108,7 +123,9 @@ def population_statistics(model: nn.Module, batches: Iterable, forward: Callable
     Every batch is passed to ``forward`` (which runs ``model`` on it, e.g. an mmdet training
     forward) with the model in train mode and every layer of
     :func:`norm_layers_with_running_stats` normalizing with its batch's own mean and variance.
-    A layer called several times per batch (a head shared by pyramid levels) pools its calls.
+    A layer called several times per batch (a head shared by pyramid levels) pools its calls;
+    a synchronized SyncCBN layer pools the examples of every rank (each rank must forward
+    as many batches).
     A layer that ``model.train()`` leaves in eval mode (frozen BN, ``norm_eval``) keeps its
     running statistics and is not measured. Nothing of the model changes: its buffers, CBN
     histories and counters, its train/eval modes, nor the global random states.
@@ -129,10 +146,15 @@ def population_statistics(model: nn.Module, batches: Iterable, forward: Callable
                     for name, layer in layers}
     for name, layer in layers:
         layer.forward = _batch_norm_accumulating(layer, accumulators[name])
+    groups = {name: layer._synchronized_group() for name, layer in layers
+              if isinstance(layer, SyncCrossIterationBatchNorm2d)}
     try:
         with _random_state_kept():
             for batch in batches:
                 forward(batch)
+        for name, group in groups.items():
+            if group is not None:
+                accumulators[name].pool(group)
     finally:
         for _, layer in layers:
             del layer.forward

@@ -442,7 +442,22 @@ def two_processes(*command: str, port: int) -> subprocess.CompletedProcess:
 
 
 SYNC_BN_ERROR = (r"sync_bn='torch' is set in the config: .*converts every _BatchNorm .*CBN "
-                 r'layers included.*Fix: remove sync_bn from the config')
+                 r"layers included.*Fix: remove sync_bn from the config; for CBN statistics "
+                 r"pooled across the GPUs as well, norm_cfg=dict\(type='SyncCBN', ...\)")
+
+
+@pytest.mark.parametrize('norm', ['CBN', 'SyncCBN'])
+def test_check_sync_bn_refuses_cbn_and_synccbn_configs_and_names_synccbn(norm):
+    """mmengine would convert SyncCBN layers to SyncBatchNorm as well: both are refused."""
+    from mmengine.config import Config
+
+    from mmdet_cbn.hooks import check_sync_bn
+    cfg = Config(dict(launcher='pytorch', sync_bn='torch',
+                      model=dict(type='X', neck=dict(norm_cfg=dict(type=norm, window_size=4)))))
+    with pytest.raises(RuntimeError, match='The config builds CBN layers, but ' + SYNC_BN_ERROR):
+        check_sync_bn(cfg)
+    cfg.launcher = 'none'  # one process: mmengine ignores sync_bn
+    check_sync_bn(cfg)
 
 
 def test_distributed_run_with_sync_bn_stops_before_training(tmp_path):
