@@ -347,7 +347,8 @@ class CrossIterationBatchNorm2d(_BatchNorm):
                         nonfinite_batches=self.nonfinite_batches,
                         clamped_variances=self.clamped_variances, iteration=self.iterations,
                         options=options, record=not recomputing,
-                        draw=self._draw() if taylor and not recomputing else (0, 0), group=group)
+                        draw=self._draw() if taylor and not recomputing else (0, 0), group=group,
+                        in_flight=None if group is None or history is None else history.in_flight)
 
     def _use_fused(self, y: Tensor) -> bool:
         """The compiled step: where asked for, by default on CUDA; never inside a model that

@@ -191,8 +191,7 @@ def _constant(shape: tuple[int, ...], value: float, device: torch.device,
 
 def record_statistics(x: Tensor | None, y: Tensor, mean: Tensor, var: Tensor,
                       weight: Tensor | None, geometry: ConvGeometry | None, *,
-                      grad_stride: int = 1, draw: tuple[int, int] = (0, 0),
-                      pooled: 'PooledMoments | None' = None) -> SlotRecord:
+                      grad_stride: int = 1, draw: tuple[int, int] = (0, 0)) -> SlotRecord:
     """The record of the current iteration: what compensating it later needs (no gradient).
 
     Args:
@@ -204,24 +203,17 @@ def record_statistics(x: Tensor | None, y: Tensor, mean: Tensor, var: Tensor,
             at least ``4 s^2`` images (RoI heads) every ``s^2``-th image from ``draw[0]``,
             else every ``s``-th position in each direction from ``draw``.
         draw: the random offsets in ``[0, s)``, ``[0, s^2)`` for images.
-        pooled: the batch's moments pooled across ranks (then ``mean`` and ``var`` are
-            those): ``Xbar`` and ``d var / d W`` are sums over the examples, so each rank's
-            (``d var / d W`` about the pooled mean) weighs ``M_r / M`` in one all-reduce, and
-            every rank gets the record of the whole batch.
+
+    Without examples (an empty ``y``: a rank without RoIs) ``Xbar`` and ``grad_var`` are 0.
     """
     if geometry is None:
         return SlotRecord(mean, var, None, None)
-    if y.numel() == 0:  # this rank has no examples: it adds nothing to the pooled record
+    if y.numel() == 0:
         depth = geometry.depth(x.shape[1])
         xbar = mean.new_zeros(geometry.groups, depth)
         grad_var = mean.new_zeros(y.shape[1], depth)
     else:
         xbar, grad_var = _local_record(x, y, mean, geometry, grad_stride, draw)
-    if pooled is not None:
-        share = y.numel() // y.shape[1] / pooled.count
-        both = torch.cat([xbar.reshape(-1), grad_var.reshape(-1)]).mul_(share)
-        dist.all_reduce(both, group=pooled.group)
-        xbar, grad_var = both[:xbar.numel()].view_as(xbar), both[xbar.numel():].view_as(grad_var)
     flat_weight = weight.reshape(weight.shape[0], -1).to(grad_var.dtype)
     var_intercept = var - torch.linalg.vecdot(grad_var, flat_weight)
     return SlotRecord(mean, var_intercept, xbar, grad_var)
@@ -589,7 +581,7 @@ def training_step(y: Tensor, x: Tensor | None, gamma: Tensor | None, beta: Tenso
                   running_var: Tensor | None, num_batches_tracked: Tensor | None,
                   nonfinite_batches: Tensor, clamped_variances: Tensor, iteration: Tensor,
                   options: StepOptions, draw: tuple[int, int] = (0, 0), record: bool = True,
-                  group: object | None = None) -> Tensor:
+                  group: object | None = None, in_flight: list | None = None) -> Tensor:
     """One training call of a CBN layer (Eq. 7-11), its record and the running statistics.
 
     Normalizes ``y = conv(x; conv_weight, conv_bias)`` with the statistics of the window of
@@ -615,6 +607,10 @@ def training_step(y: Tensor, x: Tensor | None, gamma: Tensor | None, beta: Tenso
         group: a process group of more than one rank: the batch's moments and the record
             are pooled over its ranks (SyncCBN; every rank makes the same calls), which keep
             identical rings and running statistics. None: this process's batch alone.
+        in_flight: with ``group`` and compensation, where the pooled record is left as
+            ``(work, row)`` while its all-reduce runs, to be written into the free slot
+            before the ring is next read (:meth:`~mmdet_cbn.history.History.settle`), so that
+            the communication overlaps the rest of the iteration. None: wait here.
 
     Returns:
         The normalized ``y``.
@@ -647,16 +643,21 @@ def training_step(y: Tensor, x: Tensor | None, gamma: Tensor | None, beta: Tenso
             clamped_variances.add_(torch.stack([clamped, compensated]))
         if ring is not None:
             slot = record_statistics(x, y, mean, var, conv_weight, geometry,
-                                     grad_stride=options.grad_stride, draw=draw,
-                                     pooled=pooled)
+                                     grad_stride=options.grad_stride, draw=draw)
             valid = (torch.ones(1, dtype=mean.dtype, device=mean.device)
                      if options.burnin_iters == 0 else
                      (iteration > options.burnin_iters).to(mean.dtype).view(1))
             fields = [slot.mean, slot.var_intercept, valid]
             if geometry is not None:
                 fields += [slot.xbar.reshape(-1), slot.grad_var.reshape(-1)]
-            packed = torch.cat(fields).masked_fill_(bad, 0)
-            ring.records.index_copy_(0, ring.cursor[:1], packed.unsqueeze(0))
+            packed = torch.cat(fields).masked_fill_(bad, 0).unsqueeze(0)
+            work = None
+            if pooled is not None and geometry is not None:
+                work = _pool_record(packed, y, pooled, wait=in_flight is None)
+            if work is None:
+                ring.records.index_copy_(0, ring.cursor[:1], packed)
+            else:
+                in_flight.append((work, packed))
             ring.cursor[2:].fill_(1)
         if options.track_running_stats:
             num_batches_tracked.add_(1)
@@ -667,3 +668,16 @@ def training_step(y: Tensor, x: Tensor | None, gamma: Tensor | None, beta: Tenso
                                  examples=count if ring is None else ring.window[0] * count,
                                  factor=factor, keep=bad.logical_not())
     return out
+
+
+def _pool_record(packed: Tensor, y: Tensor, pooled: PooledMoments, *, wait: bool):
+    """Turn this rank's packed record (about the pooled mean) into the whole batch's, in place.
+
+    ``Xbar`` and ``d var / d W`` are means over the examples, so the batch's are the ranks'
+    weighted by ``M_r / M``; since these weights sum to 1, so are ``var_intercept = var -
+    grad_var . W`` and the fields every rank has alike (``mean``, ``valid``): one all-reduce
+    of the row. Returns its handle, or None if it was waited for here (``wait``).
+    """
+    packed.mul_(y.numel() // y.shape[1] / pooled.count)
+    work = dist.all_reduce(packed, group=pooled.group, async_op=not wait)
+    return None if wait else work

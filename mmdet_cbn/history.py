@@ -38,6 +38,7 @@ class History:
         self.cursor = torch.zeros(3, dtype=torch.long, device=device)
         self.slot_weight = torch.zeros(slots + 1, device=device, dtype=dtype)
         self.window = torch.ones(1, device=device, dtype=dtype)
+        self.in_flight: list = []  # SyncCBN: (work, row) of a pooled record being all-reduced
         self._make_views()
 
     @property
@@ -77,9 +78,22 @@ class History:
         """The tensors a training step reads and writes."""
         return RingState(self.records, self.cursor, self.slot_weight, self.window)
 
+    def settle(self) -> None:
+        """Write the pooled record whose all-reduce was in flight into the free slot (SyncCBN;
+        the step leaves it in :attr:`in_flight` so that the communication overlaps)."""
+        while self.in_flight:
+            work, row = self.in_flight.pop(0)
+            work.wait()
+            self.records.index_copy_(0, self.cursor[:1], row)
+
     def commit(self) -> None:
         """The running iteration's record joins the window, the oldest leaves (no host sync)."""
+        self.settle()
         _commit(self._valid_column(), self.cursor, self.slot_weight, self.window)
+
+    def __getstate__(self) -> dict:
+        self.settle()
+        return self.__dict__.copy()
 
     def _valid_column(self) -> Tensor:
         """``valid`` as a view made here of ``records``: a compiled graph must not get two
@@ -89,6 +103,7 @@ class History:
     def resized(self, slots: int) -> 'History':
         """A history with ``slots`` slots holding the newest records of this one (and the
         running iteration's, if written). Reads the cursor (a host sync): not for every step."""
+        self.settle()
         new = History(slots, *self.shape, self.records.device, self.records.dtype)
         physical = self.records.shape[0]
         free, filled, written = (int(v) for v in self.cursor)
@@ -108,6 +123,7 @@ class History:
     def map(self, fn: Callable[[Tensor], Tensor]) -> None:
         """Apply a conversion to the tensors, keeping the records in :attr:`records`' dtype
         unless it becomes float64 (a device move follows ``fn``, a cast to 16 bits does not)."""
+        self.settle()
         probe = fn(torch.zeros((), dtype=self.records.dtype, device=self.records.device))
         dtype = torch.float64 if probe.dtype == torch.float64 else torch.float32
         self.records = self.records.to(probe.device, dtype)
@@ -118,6 +134,7 @@ class History:
 
     def state(self) -> dict[str, Tensor]:
         """The named fields and the ring position ``[free, filled, written]`` (checkpoints)."""
+        self.settle()
         state = {name: getattr(self, name).clone() for name in FIELDS}
         state['cursor'] = self.cursor.clone()
         return state

@@ -1,6 +1,7 @@
 """``SyncCrossIterationBatchNorm2d``: CBN whose statistics are pooled across GPUs as well."""
 from __future__ import annotations
 
+import torch
 import torch.distributed as dist
 
 from .cbn import CrossIterationBatchNorm2d
@@ -26,7 +27,9 @@ class SyncCrossIterationBatchNorm2d(CrossIterationBatchNorm2d):
 
     Every rank must call the layer the same number of times per iteration; a rank without
     examples (a RoI head without RoIs) takes part with none. With ``grad_nu_stride > 1`` each
-    rank draws its own sample (the pooled estimate stays unbiased). Outside a process group of
+    rank uses its own draw of the layer's generator (the ``R`` draws of a call are taken on
+    every rank, which keeps the generators alike where they were seeded alike): the pooled
+    estimate stays unbiased. Outside a process group of
     more than one rank, and in eval mode, it is CBN. A synchronized step runs eager
     (``fused`` applies where it is not synchronized).
 
@@ -45,3 +48,11 @@ class SyncCrossIterationBatchNorm2d(CrossIterationBatchNorm2d):
             return None
         group = self.process_group if self.process_group is not None else dist.group.WORLD
         return group if dist.get_world_size(group) > 1 else None
+
+    def _draw(self) -> tuple[int, int]:
+        group = self._synchronized_group()
+        if self._sampler is None or group is None or torch.compiler.is_compiling():
+            return super()._draw()
+        high = self.grad_nu_stride ** 2
+        draws = torch.randint(high, (dist.get_world_size(group), 2), generator=self._sampler)
+        return tuple(int(v) for v in draws[dist.get_rank(group)])
