@@ -128,7 +128,9 @@ def mean_input_patch(x: Tensor, geometry: ConvGeometry, out_hw: tuple[int, int])
     kh, kw = geometry.kernel_size
     dtype = stat_dtype(x)
     # many small maps (RoIs): sum the batch first; a few large ones (FPN levels): don't copy
-    xf = x.sum(0, keepdim=True, dtype=dtype) if x.shape[0] > 4 else x.to(dtype)
+    # (compiled: always the sum, which a fused kernel reads once, and no graph per branch)
+    xf = (x.sum(0, keepdim=True, dtype=dtype) if torch.compiler.is_compiling() or x.shape[0] > 4
+          else x.to(dtype))
     height, width = x.shape[2:]
     taps = _tap_rows if torch.compiler.is_compiling() else _cached_tap_rows
     rows = taps(height, out_hw[0], kh, geometry.stride[0], geometry.padding[0],

@@ -15,6 +15,8 @@ import logging
 import types
 
 import torch
+import torch._dynamo.config as dynamo_config
+import torch.fx.experimental._config as fx_config
 from torch import Tensor
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
@@ -23,6 +25,7 @@ from .functional import RingState, StepOptions, training_step
 __all__ = ['fused_step', 'fusion_unavailable', 'FUSED_DEVICES']
 
 FUSED_DEVICES = ('cuda', 'cpu')  # inductor's; CPU and GPU kernels from one source
+RECOMPILE_LIMIT = 32  # graphs per layer kind (dynamo's default: 8 per function)
 logger = logging.getLogger('mmdet_cbn')
 
 _compiled: dict[tuple, object] = {}
@@ -64,17 +67,45 @@ def _compiled_step(key: tuple):
     return step
 
 
-def fused_step(y: Tensor, *args, options: StepOptions, ring: RingState | None, record: bool,
-               **kwargs) -> Tensor:
+class _SharedShapes:
+    """Around a call of a compiled step, the settings under which dynamo compiles it: no
+    "duck sizing" (sizes that happen to be equal, say a map's height and a channel count,
+    would become one symbol, and the next layer, where they differ, a recompilation) and room
+    for the few graphs a kind needs (batch 1, a map of 1 pixel, ...). Set and restored per
+    call (a few microseconds): nothing changes for other compiled code."""
+
+    def __enter__(self) -> None:
+        self.saved = dynamo_config.recompile_limit, fx_config.use_duck_shape
+        dynamo_config.recompile_limit = RECOMPILE_LIMIT
+        fx_config.use_duck_shape = False
+
+    def __exit__(self, *exc) -> None:
+        dynamo_config.recompile_limit, fx_config.use_duck_shape = self.saved
+
+
+_shared_shapes = _SharedShapes()
+
+
+def _input(t: Tensor | None) -> Tensor | None:
+    """A parameter as a view of itself: dynamo gives a parameter's sizes constants (one graph
+    per channel count), a plain tensor's symbols. The gradient flows through the view."""
+    return t.view_as(t) if isinstance(t, torch.nn.Parameter) else t
+
+
+def fused_step(y: Tensor, x: Tensor | None, gamma: Tensor | None, beta: Tensor | None,
+               conv_weight: Tensor | None, conv_bias: Tensor | None, *, options: StepOptions,
+               ring: RingState | None, record: bool, **kwargs) -> Tensor:
     """:func:`~mmdet_cbn.functional.training_step`, compiled; the eager step where it cannot
     be compiled (announced once per reason; after a compiler error, for the whole process)."""
     global _broken
+    args = (x, gamma, beta, conv_weight, conv_bias)
     kwargs.update(options=options, ring=ring, record=record)
     reason = fusion_unavailable(y.device)
     if reason is None:
         step = _compiled_step((options, ring is None, record))
         try:
-            return step(y, *args, **kwargs)
+            with _shared_shapes:
+                return step(y, *map(_input, args), **kwargs)
         except Exception as error:  # noqa: BLE001 - the eager step tells whose error it is
             out = training_step(y, *args, **kwargs)  # raises it again if the input is at fault
             message = str(error).strip().splitlines()

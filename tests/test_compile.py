@@ -172,6 +172,39 @@ def test_fused_step_equals_eager_in_float32(fresh_fusion):
     assert_same_state(fused, eager, rtol=1e-5)
 
 
+def test_one_fused_kind_serves_many_channel_counts_and_sizes(fresh_fusion, monkeypatch):
+    """Layers of one kind (1x1 conv, window 3) with other channel counts, batch and map sizes
+    share a handful of graphs (dynamo gives parameters constant sizes, and equal sizes one
+    symbol: both would compile a graph per layer and hit the recompile limit), and train as
+    the eager step does."""
+    real_compile = torch.compile
+    monkeypatch.setattr(torch, 'compile', lambda fn, **kw: real_compile(fn, backend='aot_eager',
+                                                                        **kw))
+    shapes = [(64, 64, 16, 2), (64, 256, 16, 2), (256, 64, 8, 3), (128, 512, 8, 5),
+              (16, 16, 16, 1), (32, 64, 32, 2), (64, 64, 7, 40)]
+    before = torch._dynamo.utils.counters['stats']['unique_graphs']
+    for in_channels, channels, size, batch in shapes:
+        layers = []
+        for fused in (False, True):
+            torch.manual_seed(0)
+            block = nn.Sequential(nn.Conv2d(in_channels, channels, 1, bias=False),
+                                  CrossIterationBatchNorm2d(channels, window_size=3, fused=fused))
+            pair_cbn_layers(block)
+            layers.append(block)
+        for step in range(2):
+            x = torch.randn(batch, in_channels, size, size, generator=torch.Generator()
+                            .manual_seed(step))
+            outs = [block(x) for block in layers]
+            for out in outs:
+                out.square().mean().backward()
+            torch.testing.assert_close(outs[1], outs[0], rtol=1e-4, atol=1e-5)
+            torch.testing.assert_close(layers[1][0].weight.grad, layers[0][0].weight.grad,
+                                       rtol=1e-4, atol=1e-6)
+    graphs = torch._dynamo.utils.counters['stats']['unique_graphs'] - before
+    assert fused_module._broken is None and len(fused_module._compiled) == 1
+    assert graphs <= 4, graphs
+
+
 def _fallback_gives_eager_results(caplog, reason):
     eager, fused = make(torch.float64), make(torch.float64, fused=True)
     with caplog.at_level(logging.WARNING, logger='mmdet_cbn'):
