@@ -269,9 +269,18 @@ def compensate(weight: Tensor | None, bias: Tensor | None, *, mean: Tensor,
         if bias is not None:
             mu_hat = mu_hat + bias.to(xbar.dtype)
     delta = mu_hat - mean
-    var_hat = torch.addcmul(var_intercept + torch.linalg.vecdot(grad_var, flat), delta, delta,
-                            value=-1)
+    var_hat = torch.addcmul(var_intercept + _slot_dot(grad_var, flat), delta, delta, value=-1)
     return mu_hat, var_hat, delta
+
+
+def _slot_dot(grad_var: Tensor, flat: Tensor) -> Tensor:
+    """``grad_var_j . W`` per slot and channel, ``(S, C)``. Eager: one batched product over
+    the channels, ``(C, 1, D) @ (C, D, S)``, which reads the slots where they lie in the ring
+    (an elementwise product would copy ``S x C x D`` first); compiled: the product and sum,
+    which inductor fuses."""
+    if torch.compiler.is_compiling():
+        return torch.linalg.vecdot(grad_var, flat)
+    return torch.bmm(flat.unsqueeze(1), grad_var.permute(1, 2, 0)).squeeze(1).t()
 
 
 def _batch_moments(y: Tensor) -> tuple[Tensor, Tensor]:
@@ -477,9 +486,7 @@ def _grad_through_compensation(past: PastRecords, spread: Tensor, var_hat: Tenso
     neg_slope = torch.addcmul(neg_grad_mu_bar, grad_var_bar_2, spread).mul_(w)
     neg_slope.addcmul_(half_var, delta, value=-1)
     slots, groups, depth = past.xbar.shape
-    # sum_j half_var_j grad_var_j as one broadcast product and sum (a strided batched product
-    # would run per channel on the CPU)
-    from_grad_var = torch.mul(half_var.unsqueeze(2), past.grad_var).sum(0)
+    from_grad_var = _weighted_slot_sum(half_var, past.grad_var)
     if groups == 1:
         grad_weight = torch.addmm(from_grad_var, neg_slope.t(), past.xbar[:, 0], beta=-0.5,
                                   alpha=-1)
@@ -489,6 +496,18 @@ def _grad_through_compensation(past: PastRecords, spread: Tensor, var_hat: Tenso
                               past.xbar.transpose(0, 1)).reshape(channels, depth)
         grad_weight = torch.add(from_xbar, from_grad_var, alpha=0.5).neg_()
     return grad_weight, neg_slope.sum(0).neg_()
+
+
+def _weighted_slot_sum(weights: Tensor, grad_var: Tensor) -> Tensor:
+    """``sum_j weights_j grad_var_j``, ``(C, D)`` from ``(S, C)`` and ``(S, C, D)``. Compiled,
+    or small: one broadcast product and sum. Eager and large: slot by slot into one ``C x D``
+    sum (no ``S x C x D`` temporary; 2-4x faster from ``C D`` = 32k on the CPU)."""
+    if torch.compiler.is_compiling() or grad_var[0].numel() < 32768:
+        return torch.mul(weights.unsqueeze(2), grad_var).sum(0)
+    total = grad_var[0] * weights[0].unsqueeze(1)
+    for slot in range(1, grad_var.shape[0]):
+        total.addcmul_(grad_var[slot], weights[slot].unsqueeze(1))
+    return total
 
 
 def window_normalize(y: Tensor, gamma: Tensor | None, beta: Tensor | None, eps: float, *,
