@@ -120,6 +120,44 @@ def test_detector_step_quick(tmp_path: Path) -> None:
     assert result['memory'] is None  # peak memory is measured on CUDA only
 
 
+def test_sync_step_quick(tmp_path: Path) -> None:
+    """2 gloo processes: every variant timed; SyncCBN's collectives counted per layer, as many
+    floats as the moments and the record hold, apart from DDP's gradient all-reduce."""
+    pytest.importorskip('mmdet')
+    result = run_script('sync_step', tmp_path)
+    assert (result['world_size'], result['backend']) == (2, 'gloo')
+    assert result['syncbn_on_cpu']['torch.nn.SyncBatchNorm'] != 'ran'  # why the stand-in
+    (run,) = result['runs']
+    variants = {'bn', 'cbn', 'synccbn', 'syncbn', 'cbn_w1'}
+    assert set(run['timings']) == set(run['communication']) == variants
+    assert all(t['median_s'] > 0 and len(t['samples_s']) == 2 for t in run['timings'].values())
+    assert set(run['ratios']) == {'synccbn / cbn', 'syncbn / cbn_w1', 'synccbn / syncbn',
+                                  'syncbn / bn', 'cbn / bn', 'cbn_w1 / bn'}
+    assert run['norm_layers'] == {'bn': 0, 'cbn': 16, 'synccbn': 16, 'syncbn': 16, 'cbn_w1': 16}
+    assert run['windows_after_warmup'] == {'bn': [], 'cbn': [4], 'synccbn': [4], 'syncbn': [1],
+                                           'cbn_w1': [1]}
+    comm = run['communication']
+    ddp = {name: c['per_phase']['ddp']['payload_bytes'] for name, c in comm.items()}
+    assert len(set(ddp.values())) == 1 and ddp['bn'] > 0  # the same gradients in every variant
+    for name in ('bn', 'cbn', 'cbn_w1'):  # per process: nothing but DDP's gradients
+        assert set(comm[name]['per_phase']) == {'ddp'} and comm[name]['synccbn_payload_bytes'] == 0
+    for name in ('synccbn', 'syncbn'):
+        layers = comm[name]['per_layer']
+        assert len(layers) == 16 and 'other' not in comm[name]['per_phase']
+        for layer in layers.values():
+            floats = layer['expected_floats']
+            assert layer['forward_payload_bytes'] == 4 * (floats['moments_per_rank']
+                                                          + floats['record'])
+            assert layer['backward_payload_bytes'] == 4 * floats['backward_sums']
+        assert comm[name]['synccbn_payload_bytes'] == sum(
+            entry['forward_payload_bytes'] + entry['backward_payload_bytes']
+            for entry in layers.values())
+    # the SyncBN stand-in (window 1) sends no record
+    assert all(layer['expected_floats']['record'] == 0
+               for layer in comm['syncbn']['per_layer'].values())
+    assert comm['synccbn']['synccbn_payload_bytes'] > comm['syncbn']['synccbn_payload_bytes']
+
+
 def test_detector_state_bytes_counts_history_and_momentum() -> None:
     """What a detector keeps between steps: parameters, gradients, buffers, SGD momentum and
     the CBN history (one weight-sized G per slot and the small records) with the record of the

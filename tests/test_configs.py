@@ -18,17 +18,19 @@ from mmengine.config import Config
 from mmengine.runner import Runner
 from torch import nn
 
-from mmdet_cbn import CrossIterationBatchNorm2d
+from mmdet_cbn import CrossIterationBatchNorm2d, SyncCrossIterationBatchNorm2d
 from smoke import cpu_smoke_cfg
 
 CONFIG_DIR = Path(__file__).parents[1] / 'configs'
 CONFIGS = sorted(p for p in CONFIG_DIR.rglob('*.py') if not {'_base_', 'mmseg'} & set(p.parts))
 NAME = re.compile(r'(?P<model>faster|mask)-rcnn_r(?P<depth>50|101)_fpn_4conv1fc'
-                  r'(?:-(?P<norm>bn|syncbn|gn|cbn)-(?P<scope>head|all))?_1x_coco')
-NORM_TYPES = {'bn': 'BN', 'syncbn': 'SyncBN', 'gn': 'GN', 'cbn': 'CBN'}
-# Layer classes built on CPU in one process, where cpu_smoke_cfg turns SyncBN into BN.
+                  r'(?:-(?P<norm>bn|syncbn|gn|cbn|synccbn)-(?P<scope>head|all))?_1x_coco')
+NORM_TYPES = {'bn': 'BN', 'syncbn': 'SyncBN', 'gn': 'GN', 'cbn': 'CBN', 'synccbn': 'SyncCBN'}
+# Layer classes built on CPU in one process, where cpu_smoke_cfg turns SyncBN into BN (SyncCBN
+# stays SyncCBN: in one process it normalizes as CBN).
 NORM_CLASSES = {'BN': nn.BatchNorm2d, 'SyncBN': nn.BatchNorm2d, 'GN': nn.GroupNorm,
-                'CBN': CrossIterationBatchNorm2d}
+                'CBN': CrossIterationBatchNorm2d, 'SyncCBN': SyncCrossIterationBatchNorm2d}
+CBN_NORMS = ('CBN', 'SyncCBN')
 
 
 @pytest.fixture(autouse=True)
@@ -42,9 +44,11 @@ def _one_thread():
 
 
 def test_configs_cover_the_18_rows_of_tables_4_and_5():
-    rows = [p.stem for p in CONFIGS if p.parent.name != 'demo']
+    names = [p.stem for p in CONFIGS if p.parent.name != 'demo']
+    assert all(NAME.fullmatch(n) for n in names), names
+    rows = [n for n in names if '-synccbn-' not in n]  # SyncCBN: no row of the paper
     assert len(rows) == len(set(rows)) == 18
-    assert all(NAME.fullmatch(n) for n in rows), rows
+    assert len(names) - len(rows) == 1  # mask-rcnn_r50_fpn_4conv1fc-synccbn-head_1x_coco
 
 
 def check_settings(cfg: Config, row: dict) -> None:
@@ -68,7 +72,7 @@ def check_settings(cfg: Config, row: dict) -> None:
     assert backbone.norm_cfg.type == (head_norm if all_layers else 'BN')
     assert backbone.norm_cfg.requires_grad
     assert backbone.frozen_stages == 1 and backbone.norm_eval == (not all_layers)
-    if head_norm == 'CBN':
+    if head_norm in CBN_NORMS:
         assert all(head.norm_cfg.window_size == 4 for head in heads)
         assert 'mmdet_cbn' in cfg.custom_imports.imports
         assert [dict(h) for h in cfg.custom_hooks] == [
@@ -107,7 +111,7 @@ def check_layers(model: nn.Module, row: dict) -> None:
     model.train()
     assert not any(m.training for m in frozen)
     assert all(m.training == (row['scope'] == 'all') for m in trained)
-    if head_norm == 'CBN':  # CBNBurnInHook paired every layer with its conv
+    if head_norm in CBN_NORMS:  # CBNBurnInHook paired every layer with its conv
         cbn = [m for m in model.modules() if isinstance(m, CrossIterationBatchNorm2d)]
         assert all(m.window_size == 4 and m.paired_conv is not None for m in cbn)
 
