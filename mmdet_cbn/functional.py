@@ -210,31 +210,24 @@ def record_statistics(x: Tensor | None, y: Tensor, mean: Tensor, var: Tensor,
     """
     if geometry is None:
         return SlotRecord(mean, var, None, None)
+    step = grad_stride ** 2
     if y.numel() == 0:
         depth = geometry.depth(x.shape[1])
         xbar = mean.new_zeros(geometry.groups, depth)
         grad_var = mean.new_zeros(y.shape[1], depth)
-    else:
-        xbar, grad_var = _local_record(x, y, mean, geometry, grad_stride, draw)
-    flat_weight = weight.reshape(weight.shape[0], -1).to(grad_var.dtype)
-    var_intercept = var - torch.linalg.vecdot(grad_var, flat_weight)
-    return SlotRecord(mean, var_intercept, xbar, grad_var)
-
-
-def _local_record(x: Tensor, y: Tensor, mean: Tensor, geometry: ConvGeometry,
-                  grad_stride: int, draw: tuple[int, int]) -> tuple[Tensor, Tensor]:
-    """``Xbar`` and ``d var / d W`` (about ``mean``) of this process's examples."""
-    xbar = mean_input_patch(x, geometry, y.shape[2:])
-    step = grad_stride ** 2
-    if grad_stride > 1 and y.shape[0] >= 4 * step:
+    elif grad_stride > 1 and y.shape[0] >= 4 * step:
         # every s^2-th image (RoI): a stride-1 conv; inverse inclusion probability s^2
+        xbar = mean_input_patch(x, geometry, y.shape[2:])
         first = draw[0] % step
         grad_var = grad_var_wrt_weight(x[first::step], y[first::step], mean, geometry)
         grad_var.mul_(y[first::step].shape[0] * step / y.shape[0])
     else:
+        xbar = mean_input_patch(x, geometry, y.shape[2:])
         grad_var = grad_var_wrt_weight(x, y, mean, geometry, stride=grad_stride,
                                        offset=(draw[0] % grad_stride, draw[1] % grad_stride))
-    return xbar, grad_var
+    flat_weight = weight.reshape(weight.shape[0], -1).to(grad_var.dtype)
+    var_intercept = var - torch.linalg.vecdot(grad_var, flat_weight)
+    return SlotRecord(mean, var_intercept, xbar, grad_var)
 
 
 def compensate(weight: Tensor | None, bias: Tensor | None, *, mean: Tensor,

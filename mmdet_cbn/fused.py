@@ -15,8 +15,6 @@ import logging
 import types
 
 import torch
-import torch._dynamo.config as dynamo_config
-import torch.fx.experimental._config as fx_config
 from torch import Tensor
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
@@ -75,11 +73,16 @@ class _SharedShapes:
     call (a few microseconds): nothing changes for other compiled code."""
 
     def __enter__(self) -> None:
+        # imported here: importing torch._dynamo registers safe globals for torch.load
+        import torch._dynamo.config as dynamo_config
+        import torch.fx.experimental._config as fx_config
+        self.configs = dynamo_config, fx_config
         self.saved = dynamo_config.recompile_limit, fx_config.use_duck_shape
         dynamo_config.recompile_limit = RECOMPILE_LIMIT
         fx_config.use_duck_shape = False
 
     def __exit__(self, *exc) -> None:
+        dynamo_config, fx_config = self.configs
         dynamo_config.recompile_limit, fx_config.use_duck_shape = self.saved
 
 
