@@ -18,9 +18,10 @@ class SyncCrossIterationBatchNorm2d(CrossIterationBatchNorm2d):
     normalizes with ``k R n`` images. With DDP every rank holds the same weights, so the
     current batch's mean and variance and each iteration's record (``Xbar``, ``d var / d W``
     about the pooled mean, the variance intercept) are count-weighted sums over the ranks:
-    one gather of ``2C + 1`` numbers per rank and one all-reduce of ``(g + C) D`` per layer and
-    call. Every rank then keeps the same history and running statistics (a checkpoint saves
-    them once, and they stay valid with another number of ranks). The backward all-reduces the
+    one gather of ``2C + 1`` numbers per rank, and one all-reduce of the record's ``2C + 1 +
+    (g + C) D``, which runs while the iteration goes on (it is waited for when the window next
+    needs it). Every rank then keeps the same history and running statistics (a checkpoint
+    saves them once, and they stay valid with another number of ranks). The backward all-reduces the
     per-channel sums, as SyncBN does, and gives each rank its share of the gradients of
     ``gamma``, ``beta`` and the conv weight, so that DDP's average is the gradient of the
     pooled objective, exact (default) or detached.
@@ -29,9 +30,8 @@ class SyncCrossIterationBatchNorm2d(CrossIterationBatchNorm2d):
     examples (a RoI head without RoIs) takes part with none. With ``grad_nu_stride > 1`` each
     rank uses its own draw of the layer's generator (the ``R`` draws of a call are taken on
     every rank, which keeps the generators alike where they were seeded alike): the pooled
-    estimate stays unbiased. Outside a process group of
-    more than one rank, and in eval mode, it is CBN. A synchronized step runs eager
-    (``fused`` applies where it is not synchronized).
+    estimate stays unbiased. Outside a process group of more than one rank, and in eval mode,
+    it is CBN. A synchronized step runs eager (``fused`` applies where it is not).
 
     Args:
         process_group: the ranks to pool (default: all, ``torch.distributed``'s world group).
