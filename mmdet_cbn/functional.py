@@ -24,7 +24,7 @@ __all__ = [
     'ConvGeometry', 'SlotRecord', 'stat_dtype', 'mean_input_patch', 'grad_var_wrt_weight',
     'record_statistics', 'compensate', 'PastRecords', 'window_normalize', 'nonfinite',
     'update_running_stats', 'record_layout', 'RingState', 'StepOptions', 'training_step',
-    'PooledMoments', 'pool_moments',
+    'PooledMoments', 'pool_moments', 'gather_moments',
 ]
 
 
@@ -296,18 +296,23 @@ class PooledMoments(NamedTuple):
 
 
 def pool_moments(y: Tensor, group) -> PooledMoments:
-    """Mean and biased variance of ``y``'s channels over every rank of ``group``, as SyncBN:
-    each rank's ``(M_r, mu_r, var_r)`` gathered (one collective), then combined by the
-    parallel-variance rule ``var = sum_r M_r (var_r + (mu_r - mu)^2) / M``, which no large
-    moment cancels in. A rank with an empty ``y`` contributes ``M_r = 0``."""
+    """Mean and biased variance of ``y``'s channels over every rank of ``group``, as SyncBN
+    (:func:`gather_moments`). A rank with an empty ``y`` contributes ``M_r = 0``."""
     dtype = stat_dtype(y)
     channels = y.shape[1]
     if y.numel() == 0:
         mean = var = torch.zeros(channels, dtype=dtype, device=y.device)
     else:
         mean, var = _batch_moments(y if y.dtype == dtype else y.to(dtype))
-    count = torch.full((1,), y.numel() // channels, dtype=dtype, device=y.device)
-    local = torch.cat([count, mean, var])
+    return gather_moments(y.numel() // channels, mean, var, group)
+
+
+def gather_moments(count: int, mean: Tensor, var: Tensor, group) -> PooledMoments:
+    """Every rank's ``(M_r, mu_r, var_r)`` (``mean``, biased ``var``: ``(C,)``) gathered in one
+    collective and combined by the parallel-variance rule ``var = sum_r M_r (var_r + (mu_r -
+    mu)^2) / M``, which no large moment cancels in. Not finite if no rank has an example."""
+    channels = mean.shape[0]
+    local = torch.cat([mean.new_full((1,), count), mean, var])
     ranks = [torch.empty_like(local) for _ in range(dist.get_world_size(group))]
     dist.all_gather(ranks, local, group=group)
     counts, means, variances = torch.stack(ranks).split([1, channels, channels], dim=1)

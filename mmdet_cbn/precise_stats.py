@@ -15,12 +15,11 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from .functional import stat_dtype
+from .functional import gather_moments, stat_dtype
 from .sync_cbn import SyncCrossIterationBatchNorm2d
 
 __all__ = ['PopulationStatistics', 'population_statistics', 'load_population_statistics',
@@ -57,17 +56,12 @@ class _Accumulator:
         self.count = total
 
     def pool(self, group) -> None:
-        """Merge the accumulators of every rank of ``group`` (one gather), so that all ranks
-        hold the statistics of all their examples."""
-        local = torch.cat([self.mean.new_full((1,), self.count), self.mean, self.squares])
-        ranks = [torch.empty_like(local) for _ in range(dist.get_world_size(group))]
-        dist.all_gather(ranks, local, group=group)
-        counts, means, squares = torch.stack(ranks).split([1, len(self.mean), len(self.mean)], 1)
-        total = counts.sum()
-        if total > 0:
-            self.mean = (counts * means).sum(0) / total
-            self.squares = (squares + counts * (means - self.mean).square()).sum(0)
-        self.count = int(total)
+        """Merge the accumulators of every rank of ``group`` (:func:`gather_moments`), so that
+        all ranks hold the statistics of all their examples."""
+        pooled = gather_moments(self.count, self.mean, self.squares / max(self.count, 1), group)
+        self.count = int(pooled.count)
+        if self.count:
+            self.mean, self.squares = pooled.mean, pooled.var * self.count
 
     def result(self) -> PopulationStatistics:
         var = self.squares / max(self.count - 1, 1)
