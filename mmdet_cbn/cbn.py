@@ -124,10 +124,8 @@ class CrossIterationBatchNorm2d(_BatchNorm):
         super().__init__(num_features, eps, momentum, affine, track_running_stats, device,
                          dtype, bias=bias)
         for name, value, low in (('window_size', window_size, 1),
-                                 ('burnin_iters', burnin_iters, 0),
-                                 ('grad_nu_stride', grad_nu_stride, 1)):
-            if not isinstance(value, int) or value < low:
-                raise ValueError(f'CBN {name} must be an integer >= {low}, got {value!r}')
+                                 ('burnin_iters', burnin_iters, 0)):
+            _check_integer(name, value, low)
         if compensation not in COMPENSATIONS:
             raise ValueError(f'CBN compensation must be one of {COMPENSATIONS} '
                              f"('none' = Naive CBN), got {compensation!r}")
@@ -136,7 +134,6 @@ class CrossIterationBatchNorm2d(_BatchNorm):
         self.window_size = window_size
         self.compensation = compensation
         self.burnin_iters = burnin_iters
-        self.grad_nu_stride = grad_nu_stride
         self.detach_compensation = bool(detach_compensation)
         self.fused = fused
         self.window_override: int | None = None
@@ -149,9 +146,7 @@ class CrossIterationBatchNorm2d(_BatchNorm):
         self._call_sites = CallSites()
         self._sampler: torch.Generator | None = None
         self._next_draw = (0, 0)
-        if grad_nu_stride > 1:
-            self._sampler = torch.Generator().manual_seed(
-                torch.initial_seed() + next(_layer_numbers))
+        self.grad_nu_stride = grad_nu_stride
         self._conv: nn.Conv2d | None = None
         self._geometry: ConvGeometry | None = None
         self._conv_verified = False
@@ -176,6 +171,21 @@ class CrossIterationBatchNorm2d(_BatchNorm):
         if input.dim() != 4:
             raise ValueError(f'{self.layer_name}: expected a 4-d input (N, C, H, W), got '
                              f'{input.dim()}-d')
+
+    @property
+    def grad_nu_stride(self) -> int:
+        """``s``: ``d var / d W`` from ``1 / s^2`` of the examples (settable on a built layer)."""
+        return self._grad_nu_stride
+
+    @grad_nu_stride.setter
+    def grad_nu_stride(self, stride: int) -> None:
+        _check_integer('grad_nu_stride', stride, 1)
+        self._grad_nu_stride = stride
+        if stride == 1:
+            self._sampler = None
+        elif self._sampler is None:  # the layer's own generator draws the offsets
+            self._sampler = torch.Generator().manual_seed(
+                torch.initial_seed() + next(_layer_numbers))
 
     @property
     def steps(self) -> int:
@@ -493,6 +503,11 @@ class CrossIterationBatchNorm2d(_BatchNorm):
                 error_msgs.append(f'{prefix}: incomplete CBN history of call site {site} in the '
                                   f'state dict (has {sorted(fields)})')
         self._call_sites.reset()
+
+
+def _check_integer(name: str, value: object, low: int) -> None:
+    if not isinstance(value, int) or value < low:
+        raise ValueError(f'CBN {name} must be an integer >= {low}, got {value!r}')
 
 
 def _autocast_on(t: Tensor) -> bool:
