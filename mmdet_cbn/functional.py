@@ -13,6 +13,7 @@ the centered (biased) variance ``var`` of ``y``.
 from __future__ import annotations
 
 import functools
+import math
 from typing import NamedTuple
 
 import torch
@@ -178,9 +179,14 @@ def grad_var_wrt_weight(x: Tensor, y: Tensor, mean: Tensor, geometry: ConvGeomet
             conv_stride = (sh * stride, sw * stride)
         conv_padding = (0, 0)
         m = m / stride ** 2
-    grad_w = _conv_weight_grad(xf.contiguous(), centered.contiguous(), weight_shape, geometry,
-                               conv_stride, conv_padding)
-    return grad_w.reshape(grad_w.shape[0], -1).mul_(2.0 / m)
+    centered = centered.contiguous()
+    # the factor 2 / M on the smaller of the two: the output gradient or d var / d W
+    scale_output = torch.compiler.is_compiling() or centered.numel() < math.prod(weight_shape)
+    if scale_output:
+        centered.mul_(2.0 / m)
+    grad_w = _conv_weight_grad(xf.contiguous(), centered, weight_shape, geometry, conv_stride,
+                               conv_padding).reshape(weight_shape[0], -1)
+    return grad_w if scale_output else grad_w.mul_(2.0 / m)
 
 
 @functools.lru_cache(maxsize=64)
@@ -226,7 +232,7 @@ def record_statistics(x: Tensor | None, y: Tensor, mean: Tensor, var: Tensor,
         grad_var = grad_var_wrt_weight(x, y, mean, geometry, stride=grad_stride,
                                        offset=(draw[0] % grad_stride, draw[1] % grad_stride))
     flat_weight = weight.reshape(weight.shape[0], -1).to(grad_var.dtype)
-    var_intercept = var - torch.linalg.vecdot(grad_var, flat_weight)
+    var_intercept = var - _slot_dot(grad_var.unsqueeze(0), flat_weight)[0]
     return SlotRecord(mean, var_intercept, xbar, grad_var)
 
 
@@ -423,9 +429,9 @@ class _WindowNormalize(torch.autograd.Function):
             return _input_grads(ctx, grad_y, grad_gamma, g_sum)
         grad_weight, grad_bias = _grad_through_compensation(
             ctx.past, *ctx.slot_terms, neg_grad_mu_bar=neg_grad_mu_bar,
-            grad_var_bar_2=gamma_inv_std.mul_(inv_std).mul_(grad_gamma))
-        return _input_grads(ctx, grad_y, grad_gamma, g_sum, grad_weight.view(ctx.weight_shape),
-                            grad_bias)
+            grad_var_bar_2=gamma_inv_std.mul_(inv_std).mul_(grad_gamma),
+            weight_shape=ctx.weight_shape)
+        return _input_grads(ctx, grad_y, grad_gamma, g_sum, grad_weight, grad_bias)
 
 
 def _pooled_backward(ctx, grad_out: Tensor, y: Tensor, gamma: Tensor, mu_bar: Tensor,
@@ -457,8 +463,8 @@ def _pooled_backward(ctx, grad_out: Tensor, y: Tensor, gamma: Tensor, mu_bar: Te
         return _input_grads(ctx, grad_y, own_q, own_g)
     grad_weight, grad_bias = _grad_through_compensation(
         ctx.past, *ctx.slot_terms, neg_grad_mu_bar=a * own_g.to(a.dtype),
-        grad_var_bar_2=a * inv_std * own_q.to(a.dtype))
-    return _input_grads(ctx, grad_y, own_q, own_g, grad_weight.view(ctx.weight_shape), grad_bias)
+        grad_var_bar_2=a * inv_std * own_q.to(a.dtype), weight_shape=ctx.weight_shape)
+    return _input_grads(ctx, grad_y, own_q, own_g, grad_weight, grad_bias)
 
 
 def _input_grads(ctx, *grads: Tensor) -> tuple[Tensor | None, ...]:
@@ -469,43 +475,49 @@ def _input_grads(ctx, *grads: Tensor) -> tuple[Tensor | None, ...]:
 
 
 def _grad_through_compensation(past: PastRecords, spread: Tensor, var_hat: Tensor,
-                               delta: Tensor, *, neg_grad_mu_bar: Tensor,
-                               grad_var_bar_2: Tensor) -> tuple[Tensor, Tensor]:
-    """``d L / d W`` and ``d L / d b`` through the compensated past slots (Eq. 7, 8).
+                               delta: Tensor, *, neg_grad_mu_bar: Tensor, grad_var_bar_2: Tensor,
+                               weight_shape: torch.Size) -> tuple[Tensor, Tensor]:
+    """``d L / d W`` (in ``weight_shape``) and ``d L / d b`` through the compensated past slots
+    (Eq. 7, 8).
 
     With ``a = -d L / d mu_bar`` and ``q = -2 d L / d var_bar`` (``grad_var_bar_2``):
     ``d L / d mu_hat_j = -w_j / k (a + q (mu_hat_j - mu_bar))`` and
     ``d L / d var_hat_j = -w_j / k q / 2 [var_hat_j > 0]``; ``mu_hat`` is linear in ``W`` with
     slope ``Xbar`` and ``var_hat`` has slope ``grad_var - 2 delta Xbar``, so the slope of
     ``Xbar`` is ``-(w_j / k (a + q spread_j) - [var_hat_j > 0] w_j / k q delta_j)``.
+
+    ``d L / d W`` is a tensor of its own, not a view: autograd then adds the conv's own weight
+    gradient into it in place instead of allocating the sum.
     """
     w = (past.slot_weight / past.window).unsqueeze(1)  # (S, 1): w_j / k
     half_var = (w * (var_hat > 0)).mul_(grad_var_bar_2)  # -2 d L / d var_hat_j; var_hat >= 0
     neg_slope = torch.addcmul(neg_grad_mu_bar, grad_var_bar_2, spread).mul_(w)
     neg_slope.addcmul_(half_var, delta, value=-1)
     slots, groups, depth = past.xbar.shape
-    from_grad_var = _weighted_slot_sum(half_var, past.grad_var)
+    channels = neg_slope.shape[1]
+    grad_weight = past.xbar.new_empty(weight_shape)
+    flat = _weighted_slot_sum(half_var, past.grad_var, out=grad_weight.view(channels, depth))
     if groups == 1:
-        grad_weight = torch.addmm(from_grad_var, neg_slope.t(), past.xbar[:, 0], beta=-0.5,
-                                  alpha=-1)
+        flat.addmm_(neg_slope.t(), past.xbar[:, 0], beta=-0.5, alpha=-1)
     else:
-        channels = neg_slope.shape[1]
         from_xbar = torch.bmm(neg_slope.t().reshape(groups, channels // groups, slots),
                               past.xbar.transpose(0, 1)).reshape(channels, depth)
-        grad_weight = torch.add(from_xbar, from_grad_var, alpha=0.5).neg_()
+        flat.mul_(-0.5).sub_(from_xbar)
     return grad_weight, neg_slope.sum(0).neg_()
 
 
-def _weighted_slot_sum(weights: Tensor, grad_var: Tensor) -> Tensor:
-    """``sum_j weights_j grad_var_j``, ``(C, D)`` from ``(S, C)`` and ``(S, C, D)``. Compiled,
-    or small: one broadcast product and sum. Eager and large: slot by slot into one ``C x D``
-    sum (no ``S x C x D`` temporary; 2-4x faster from ``C D`` = 32k on the CPU)."""
-    if torch.compiler.is_compiling() or grad_var[0].numel() < 32768:
-        return torch.mul(weights.unsqueeze(2), grad_var).sum(0)
-    total = grad_var[0] * weights[0].unsqueeze(1)
+def _weighted_slot_sum(weights: Tensor, grad_var: Tensor, *, out: Tensor) -> Tensor:
+    """``sum_j weights_j grad_var_j`` into ``out`` ``(C, D)``, from ``(S, C)`` and
+    ``(S, C, D)``. Compiled, or small: one broadcast product and sum. Eager and large: slot by
+    slot (no ``S x C x D`` temporary; 2-4x faster from ``C D`` = 32k on the CPU)."""
+    if torch.compiler.is_compiling():
+        return out.copy_(torch.mul(weights.unsqueeze(2), grad_var).sum(0))
+    if grad_var[0].numel() < 32768:
+        return torch.sum(torch.mul(weights.unsqueeze(2), grad_var), 0, out=out)
+    torch.mul(grad_var[0], weights[0].unsqueeze(1), out=out)
     for slot in range(1, grad_var.shape[0]):
-        total.addcmul_(grad_var[slot], weights[slot].unsqueeze(1))
-    return total
+        out.addcmul_(grad_var[slot], weights[slot].unsqueeze(1))
+    return out
 
 
 def window_normalize(y: Tensor, gamma: Tensor | None, beta: Tensor | None, eps: float, *,
