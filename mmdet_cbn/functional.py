@@ -184,9 +184,39 @@ def grad_var_wrt_weight(x: Tensor, y: Tensor, mean: Tensor, geometry: ConvGeomet
     scale_output = torch.compiler.is_compiling() or centered.numel() < math.prod(weight_shape)
     if scale_output:
         centered.mul_(2.0 / m)
-    grad_w = _conv_weight_grad(xf.contiguous(), centered, weight_shape, geometry, conv_stride,
-                               conv_padding).reshape(weight_shape[0], -1)
+    if stride == 1 and _few_positions(x, centered, geometry):
+        grad_w = _unfolded_weight_grad(xf, centered, geometry)
+    else:
+        grad_w = _conv_weight_grad(xf.contiguous(), centered, weight_shape, geometry,
+                                   conv_stride, conv_padding).reshape(weight_shape[0], -1)
     return grad_w if scale_output else grad_w.mul_(2.0 / m)
+
+
+DEPTH_PER_POSITION = 16  # the unfolded weight gradient from D >= 16 N H' W' (CPU)
+
+
+def _few_positions(x: Tensor, grad_y: Tensor, geometry: ConvGeometry) -> bool:
+    """Whether the weight gradient is cheaper as an unfolded product: on the CPU, for an
+    ungrouped conv whose output has few positions for its depth (a backbone's last stages at
+    low resolution: 7 x 7 or smaller maps, 256-512 channels), where oneDNN's weight-gradient
+    kernel is 1.4-4x slower than the product; eager only (a branch on sizes would specialize
+    compiled code)."""
+    positions = grad_y.shape[0] * grad_y.shape[2] * grad_y.shape[3]
+    return (x.device.type == 'cpu' and geometry.groups == 1 and positions > 0
+            and positions * DEPTH_PER_POSITION <= geometry.depth(x.shape[1])
+            and not torch.compiler.is_compiling())
+
+
+def _unfolded_weight_grad(x: Tensor, grad_y: Tensor, geometry: ConvGeometry) -> Tensor:
+    """The weight gradient of an ungrouped conv as ``grad_y (C, N L) @ patches (N L, D)``,
+    ``(C, D)``: ``x`` unfolded into its ``L`` patches per image."""
+    patches = torch.nn.functional.unfold(x, geometry.kernel_size, geometry.dilation,
+                                         geometry.padding, geometry.stride)  # (N, D, L)
+    images, depth, positions = patches.shape
+    channels = grad_y.shape[1]
+    return torch.mm(grad_y.reshape(images, channels, positions).transpose(0, 1)
+                    .reshape(channels, images * positions),
+                    patches.transpose(1, 2).reshape(images * positions, depth))
 
 
 @functools.lru_cache(maxsize=64)

@@ -5,6 +5,7 @@ import torch
 from torch import nn
 
 from cbn_reference import compensated, conv_kwargs, stats_and_grads
+from mmdet_cbn import functional
 from mmdet_cbn.functional import (ConvGeometry, PastRecords, compensate, grad_var_wrt_weight,
                                   mean_input_patch, nonfinite, record_statistics,
                                   update_running_stats, window_normalize)
@@ -57,6 +58,27 @@ def test_closed_form_gradients_match_autograd(name, batch):
                                atol=1e-12)
     torch.testing.assert_close(grad_var_wrt_weight(x, y, mu, geometry), dvar_ref, rtol=1e-10,
                                atol=1e-12)
+
+
+@pytest.mark.parametrize('dtype', [torch.float64, torch.float32])
+@pytest.mark.parametrize('name', ['plain', 'strided', 'dilated'])
+def test_grad_var_on_a_deep_input_with_few_output_positions_matches_autograd(name, dtype):
+    """A backbone's last stage at low resolution (depth D >= 16 N H' W'): the weight gradient
+    is an unfolded product there (on the CPU); it equals autograd's d var / d W."""
+    torch.manual_seed(0)
+    kwargs = dict(CONVS[name], in_channels=64, bias=False)
+    conv = nn.Conv2d(**kwargs).to(dtype)
+    x = torch.randn(2, 64, 3, 3, dtype=dtype)
+    y = conv(x).detach()
+    geometry = ConvGeometry.of(conv)
+    assert functional.DEPTH_PER_POSITION * y[:, 0].numel() <= geometry.depth(64)
+    weight = conv.weight.detach().clone().requires_grad_()
+    var = nn.functional.conv2d(x, weight, **conv_kwargs(conv)).var((0, 2, 3), unbiased=False)
+    (expected,) = torch.autograd.grad(var.sum(), weight)
+    tolerance = dict(rtol=1e-10, atol=1e-12) if dtype == torch.float64 else dict(rtol=1e-4,
+                                                                                   atol=1e-6)
+    torch.testing.assert_close(grad_var_wrt_weight(x, y, y.mean((0, 2, 3)), geometry),
+                               expected.reshape(6, -1), **tolerance)
 
 
 @pytest.mark.parametrize('name', list(CONVS))
