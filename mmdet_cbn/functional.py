@@ -708,17 +708,24 @@ def training_step(y: Tensor, x: Tensor | None, gamma: Tensor | None, beta: Tenso
             valid = (torch.ones(1, dtype=mean.dtype, device=mean.device)
                      if options.burnin_iters == 0 else
                      (iteration > options.burnin_iters).to(mean.dtype).view(1))
-            fields = [slot.mean, slot.var_intercept, valid]
+            # a non-finite record is written as zeros: the slot stays in the ring, empty
+            head = [slot.mean, slot.var_intercept, valid]  # the row's leading fields
             if geometry is not None:
-                fields += [slot.xbar.reshape(-1), slot.grad_var.reshape(-1)]
-            packed = torch.cat(fields).masked_fill_(bad, 0).unsqueeze(0)
-            work = None
-            if pooled is not None and geometry is not None:
-                work = _pool_record(packed, y, pooled, wait=in_flight is None)
-            if work is None:
-                ring.records.index_copy_(0, ring.cursor[:1], packed)
-            else:
-                in_flight.append((work, packed))
+                head.append(slot.xbar.reshape(-1))
+            if pooled is not None and geometry is not None:  # one row, all-reduced
+                packed = torch.cat(head + [slot.grad_var.reshape(-1)]).masked_fill_(bad, 0)
+                work = _pool_record(packed.unsqueeze(0), y, pooled, wait=in_flight is None)
+                if work is None:
+                    ring.records.index_copy_(0, ring.cursor[:1], packed.unsqueeze(0))
+                else:
+                    in_flight.append((work, packed.unsqueeze(0)))
+            else:  # d var / d W copied once, from where it was computed into the free slot
+                head = torch.cat(head).masked_fill_(bad, 0).unsqueeze(0)
+                width = head.shape[1]
+                ring.records[:, :width].index_copy_(0, ring.cursor[:1], head)
+                if geometry is not None:
+                    ring.records[:, width:].index_copy_(
+                        0, ring.cursor[:1], slot.grad_var.reshape(1, -1).masked_fill_(bad, 0))
             ring.cursor[2:].fill_(1)
         if options.track_running_stats:
             num_batches_tracked.add_(1)
