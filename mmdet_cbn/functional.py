@@ -708,24 +708,26 @@ def training_step(y: Tensor, x: Tensor | None, gamma: Tensor | None, beta: Tenso
             valid = (torch.ones(1, dtype=mean.dtype, device=mean.device)
                      if options.burnin_iters == 0 else
                      (iteration > options.burnin_iters).to(mean.dtype).view(1))
-            # a non-finite record is written as zeros: the slot stays in the ring, empty
-            head = [slot.mean, slot.var_intercept, valid]  # the row's leading fields
+            fields = [slot.mean, slot.var_intercept, valid]
             if geometry is not None:
-                head.append(slot.xbar.reshape(-1))
-            if pooled is not None and geometry is not None:  # one row, all-reduced
-                packed = torch.cat(head + [slot.grad_var.reshape(-1)]).masked_fill_(bad, 0)
-                work = _pool_record(packed.unsqueeze(0), y, pooled, wait=in_flight is None)
-                if work is None:
-                    ring.records.index_copy_(0, ring.cursor[:1], packed.unsqueeze(0))
-                else:
-                    in_flight.append((work, packed.unsqueeze(0)))
-            else:  # d var / d W copied once, from where it was computed into the free slot
-                head = torch.cat(head).masked_fill_(bad, 0).unsqueeze(0)
-                width = head.shape[1]
-                ring.records[:, :width].index_copy_(0, ring.cursor[:1], head)
-                if geometry is not None:
-                    ring.records[:, width:].index_copy_(
-                        0, ring.cursor[:1], slot.grad_var.reshape(1, -1).masked_fill_(bad, 0))
+                fields += [slot.xbar.reshape(-1), slot.grad_var.reshape(-1)]
+            # a non-finite record is written as zeros: the slot stays in the ring, empty
+            rows = ring.records
+            if geometry is not None and pooled is None and not torch.compiler.is_compiling():
+                # eager: d var / d W copied once, from where it was computed into the free slot
+                # (compiled, inductor fuses packing the whole row into its in-place store)
+                *fields, grad_var = fields
+                rows = ring.records[:, :-grad_var.shape[0]]
+                ring.records[:, rows.shape[1]:].index_copy_(
+                    0, ring.cursor[:1], grad_var.view(1, -1).masked_fill_(bad, 0))
+            packed = torch.cat(fields).masked_fill_(bad, 0).unsqueeze(0)
+            work = None
+            if pooled is not None and geometry is not None:
+                work = _pool_record(packed, y, pooled, wait=in_flight is None)
+            if work is None:
+                rows.index_copy_(0, ring.cursor[:1], packed)
+            else:
+                in_flight.append((work, packed))
             ring.cursor[2:].fill_(1)
         if options.track_running_stats:
             num_batches_tracked.add_(1)
