@@ -201,10 +201,10 @@ def _few_positions(x: Tensor, grad_y: Tensor, geometry: ConvGeometry) -> bool:
     low resolution: 7 x 7 or smaller maps, 256-512 channels), where oneDNN's weight-gradient
     kernel is 1.4-4x slower than the product; eager only (a branch on sizes would specialize
     compiled code)."""
+    if torch.compiler.is_compiling() or x.device.type != 'cpu' or geometry.groups != 1:
+        return False  # (compiling: before any comparison of sizes, which dynamo would guard)
     positions = grad_y.shape[0] * grad_y.shape[2] * grad_y.shape[3]
-    return (x.device.type == 'cpu' and geometry.groups == 1 and positions > 0
-            and positions * DEPTH_PER_POSITION <= geometry.depth(x.shape[1])
-            and not torch.compiler.is_compiling())
+    return 0 < positions * DEPTH_PER_POSITION <= geometry.depth(x.shape[1])
 
 
 def _unfolded_weight_grad(x: Tensor, grad_y: Tensor, geometry: ConvGeometry) -> Tensor:

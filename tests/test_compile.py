@@ -175,13 +175,15 @@ def test_fused_step_equals_eager_in_float32(fresh_fusion):
 def test_one_fused_kind_serves_many_channel_counts_and_sizes(fresh_fusion, monkeypatch):
     """Layers of one kind (1x1 conv, window 3) with other channel counts, batch and map sizes
     share a handful of graphs (dynamo gives parameters constant sizes, and equal sizes one
-    symbol: both would compile a graph per layer and hit the recompile limit), and train as
-    the eager step does."""
+    symbol: both would compile a graph per layer and hit the recompile limit; a size test
+    traced for a path only the eager step takes would split them too), and train as the eager
+    step does."""
     real_compile = torch.compile
     monkeypatch.setattr(torch, 'compile', lambda fn, **kw: real_compile(fn, backend='aot_eager',
                                                                         **kw))
     shapes = [(64, 64, 16, 2), (64, 256, 16, 2), (256, 64, 8, 3), (128, 512, 8, 5),
-              (16, 16, 16, 1), (32, 64, 32, 2), (64, 64, 7, 40)]
+              (16, 16, 16, 1), (32, 64, 32, 2), (64, 64, 7, 40),
+              (1024, 64, 2, 2)]  # eager takes the unfolded d var / d W here, compiled does not
     before = torch._dynamo.utils.counters['stats']['unique_graphs']
     for in_channels, channels, size, batch in shapes:
         layers = []
@@ -202,7 +204,7 @@ def test_one_fused_kind_serves_many_channel_counts_and_sizes(fresh_fusion, monke
                                        rtol=1e-4, atol=1e-6)
     graphs = torch._dynamo.utils.counters['stats']['unique_graphs'] - before
     assert fused_module._broken is None and len(fused_module._compiled) == 1
-    assert graphs <= 4, graphs
+    assert graphs <= 3, graphs  # 4 when a size test of the eager-only paths was traced
 
 
 def _fallback_gives_eager_results(caplog, reason):
