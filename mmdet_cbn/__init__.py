@@ -1,10 +1,11 @@
 """mmdet-cbn: Cross-Iteration Batch Normalization (Yao et al., CVPR 2021) for OpenMMLab.
 
-Importing the package registers, here and only here, the norm layers ``'CBN'`` and
-``'SyncCBN'`` in the OpenMMLab root model registry (so ``norm_cfg=dict(type='CBN',
-window_size=4)`` works wherever mmcv builds a norm layer) and ``CBNBurnInHook`` in the hook
-registry. Nothing else changes globally: the
-fixes for the pinned stack (:mod:`mmdet_cbn.compat`) apply only where asked for.
+Importing the package registers, here, the norm layers ``'CBN'`` and ``'SyncCBN'`` in the
+OpenMMLab root model registry (so ``norm_cfg=dict(type='CBN', window_size=4)`` works wherever
+mmcv builds a norm layer) and ``CBNBurnInHook`` in the hook registry; and, in
+:mod:`mmdet_cbn.functional`, the operator ``torch.ops.mmdet_cbn.conv_weight_grad``
+(``torch.library``), which compiled CBN steps call. Nothing else changes globally: the fixes
+for the pinned stack (:mod:`mmdet_cbn.compat`) apply only where asked for.
 """
 from .cbn import CrossIterationBatchNorm2d
 from .pairing import cbn_layers, convert_cbn, pair_cbn_layers

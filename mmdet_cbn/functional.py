@@ -88,12 +88,35 @@ def stat_dtype(t: Tensor) -> torch.dtype:
 def _conv_weight_grad(x: Tensor, grad_y: Tensor, weight_shape: tuple[int, ...],
                       geometry: ConvGeometry, stride: tuple[int, int],
                       padding: tuple[int, int]) -> Tensor:
-    """The weight gradient of ``conv2d`` for output gradient ``grad_y`` (one backward conv)."""
+    """The weight gradient of ``conv2d`` for output gradient ``grad_y`` (one backward conv).
+    Compiled, an opaque operator: inductor's lowering of the conv would make the input's
+    channel count a constant, one graph per channel count of a layer kind."""
+    args = (x, grad_y, list(weight_shape), list(stride), list(padding),
+            list(geometry.dilation), geometry.groups)
+    if torch.compiler.is_compiling():
+        return torch.ops.mmdet_cbn.conv_weight_grad(*args)
+    return _weight_grad_kernel(*args)
+
+
+def _weight_grad_kernel(x: Tensor, grad_y: Tensor, weight_shape: list[int], stride: list[int],
+                        padding: list[int], dilation: list[int], groups: int) -> Tensor:
     weight = x.new_zeros(()).expand(weight_shape)  # gives the shape only
     _, grad_w, _ = torch.ops.aten.convolution_backward.default(
-        grad_y, x, weight, None, list(stride), list(padding), list(geometry.dilation), False,
-        [0, 0], geometry.groups, [False, True, False])
+        grad_y, x, weight, None, stride, padding, dilation, False, [0, 0], groups,
+        [False, True, False])
     return grad_w
+
+
+@torch.library.custom_op('mmdet_cbn::conv_weight_grad', mutates_args=())
+def _conv_weight_grad_op(x: Tensor, grad_y: Tensor, weight_shape: list[int], stride: list[int],
+                         padding: list[int], dilation: list[int], groups: int) -> Tensor:
+    return _weight_grad_kernel(x, grad_y, weight_shape, stride, padding, dilation,
+                               groups).contiguous()
+
+
+@_conv_weight_grad_op.register_fake
+def _(x: Tensor, grad_y: Tensor, weight_shape: list[int], *args) -> Tensor:
+    return x.new_empty(weight_shape)
 
 
 def _tap_rows(size: int, out_size: int, kernel: int, stride: int, padding: int,

@@ -81,6 +81,25 @@ def test_grad_var_on_a_deep_input_with_few_output_positions_matches_autograd(nam
                                expected.reshape(6, -1), **tolerance)
 
 
+@pytest.mark.parametrize('name', ['plain', 'strided', 'dilated', 'rect_strided_grouped'])
+def test_compiled_weight_gradient_operator_agrees_with_its_shape_function(name):
+    """The weight-gradient convolution compiled code calls as an opaque operator (so that
+    inductor keeps channel counts symbolic): its result is autograd's weight gradient, and its
+    fake (shape) function agrees with it, which ``torch.library.opcheck`` verifies, also for a
+    channels-last input."""
+    conv, x = make(name, batch=2, size=(7, 6))
+    geometry = ConvGeometry.of(conv)
+    y = conv(x)
+    grad_y = torch.randn_like(y)
+    (expected,) = torch.autograd.grad(y, conv.weight, grad_y)
+    for layout in (torch.contiguous_format, torch.channels_last):
+        args = (x.contiguous(memory_format=layout), grad_y.detach(), list(conv.weight.shape),
+                list(geometry.stride), list(geometry.padding), list(geometry.dilation),
+                geometry.groups)
+        torch.testing.assert_close(torch.ops.mmdet_cbn.conv_weight_grad(*args), expected)
+        torch.library.opcheck(torch.ops.mmdet_cbn.conv_weight_grad.default, args)
+
+
 @pytest.mark.parametrize('name', list(CONVS))
 def test_compensated_mean_is_exact_and_variance_error_is_second_order(name):
     conv, x_old = make(name)
