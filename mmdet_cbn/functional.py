@@ -167,7 +167,8 @@ def mean_input_patch(x: Tensor, geometry: ConvGeometry, out_hw: tuple[int, int])
 
 
 def grad_var_wrt_weight(x: Tensor, y: Tensor, mean: Tensor, geometry: ConvGeometry, *,
-                        stride: int = 1, offset: tuple[int, int] = (0, 0)) -> Tensor:
+                        stride: int = 1, offset: tuple[int, int] = (0, 0),
+                        out: Tensor | None = None) -> Tensor:
     """``d var / d W``: the weight gradient of the conv for the output gradient ``2 (y - mu) / M``.
 
     ``grad_var[c, i, u] = 2/M sum_{n,p} (y(n, c, p) - mu_c) x_patch(n, i, p + u)``, ``(C, D)``.
@@ -176,7 +177,7 @@ def grad_var_wrt_weight(x: Tensor, y: Tensor, mean: Tensor, geometry: ConvGeomet
     With ``stride = s > 1`` only the output positions ``offset + s * q`` enter, weighted by
     ``s^2`` (their inverse probability of being drawn): the estimate is unbiased for every map
     size when ``offset`` is uniform in ``[0, s)^2``, and ``s^2`` times cheaper. In float32, or
-    float64 for float64 inputs.
+    float64 for float64 inputs; written into ``out`` (a contiguous ``(C, D)``) if given.
     """
     dtype = stat_dtype(y)
     xf = x.to(dtype)
@@ -189,7 +190,8 @@ def grad_var_wrt_weight(x: Tensor, y: Tensor, mean: Tensor, geometry: ConvGeomet
         oh, ow = offset
         centered = centered[:, :, oh::stride, ow::stride]
         if centered.numel() == 0:  # a map smaller than the offset: nothing drawn this time
-            return y.new_zeros(y.shape[1], geometry.depth(x.shape[1]), dtype=dtype)
+            return (y.new_zeros(y.shape[1], geometry.depth(x.shape[1]), dtype=dtype)
+                    if out is None else out.zero_())
         if geometry.kernel_size == (1, 1) and (ph, pw) == (0, 0):
             # a 1x1 conv sees one input pixel per output position: gather those, then a
             # stride-1 weight gradient (cheaper than a strided one)
@@ -204,18 +206,27 @@ def grad_var_wrt_weight(x: Tensor, y: Tensor, mean: Tensor, geometry: ConvGeomet
         m = m / stride ** 2
     centered = centered.contiguous()
     # the factor 2 / M on the smaller of the two: the output gradient or d var / d W
+    factor = 2.0 / m
     scale_output = torch.compiler.is_compiling() or centered.numel() < math.prod(weight_shape)
     if scale_output:
-        centered.mul_(2.0 / m)
+        centered.mul_(factor)
     if stride == 1 and _few_positions(x, centered, geometry):
-        grad_w = _unfolded_weight_grad(xf, centered, geometry)
+        grad_w = _unfolded_weight_grad(xf, centered, geometry, out=out)
     else:
         grad_w = _conv_weight_grad(xf.contiguous(), centered, weight_shape, geometry,
                                    conv_stride, conv_padding).reshape(weight_shape[0], -1)
-    return grad_w if scale_output else grad_w.mul_(2.0 / m)
+        if out is not None:  # one pass: the copy, scaled on the way if it is not yet
+            return out.copy_(grad_w) if scale_output else torch.mul(grad_w, factor, out=out)
+    return grad_w if scale_output else grad_w.mul_(factor)
 
 
 DEPTH_PER_POSITION = 16  # the unfolded weight gradient from D >= 16 N H' W' (CPU)
+
+
+def _on_host(t: Tensor) -> bool:
+    """Whether reading a value of ``t`` is free: a CPU tensor outside compiled code (no
+    device sync, no graph break)."""
+    return not torch.compiler.is_compiling() and t.device.type == 'cpu'
 
 
 def _few_positions(x: Tensor, grad_y: Tensor, geometry: ConvGeometry) -> bool:
@@ -224,22 +235,23 @@ def _few_positions(x: Tensor, grad_y: Tensor, geometry: ConvGeometry) -> bool:
     low resolution: 7 x 7 or smaller maps, 256-512 channels), where oneDNN's weight-gradient
     kernel is 1.4-4x slower than the product; eager only (a branch on sizes would specialize
     compiled code)."""
-    if torch.compiler.is_compiling() or x.device.type != 'cpu' or geometry.groups != 1:
+    if not _on_host(x) or geometry.groups != 1:
         return False  # (compiling: before any comparison of sizes, which dynamo would guard)
     positions = grad_y.shape[0] * grad_y.shape[2] * grad_y.shape[3]
     return 0 < positions * DEPTH_PER_POSITION <= geometry.depth(x.shape[1])
 
 
-def _unfolded_weight_grad(x: Tensor, grad_y: Tensor, geometry: ConvGeometry) -> Tensor:
+def _unfolded_weight_grad(x: Tensor, grad_y: Tensor, geometry: ConvGeometry, *,
+                          out: Tensor | None = None) -> Tensor:
     """The weight gradient of an ungrouped conv as ``grad_y (C, N L) @ patches (N L, D)``,
-    ``(C, D)``: ``x`` unfolded into its ``L`` patches per image."""
+    ``(C, D)`` (into ``out`` if given): ``x`` unfolded into its ``L`` patches per image."""
     patches = torch.nn.functional.unfold(x, geometry.kernel_size, geometry.dilation,
                                          geometry.padding, geometry.stride)  # (N, D, L)
     images, depth, positions = patches.shape
     channels = grad_y.shape[1]
     return torch.mm(grad_y.reshape(images, channels, positions).transpose(0, 1)
                     .reshape(channels, images * positions),
-                    patches.transpose(1, 2).reshape(images * positions, depth))
+                    patches.transpose(1, 2).reshape(images * positions, depth), out=out)
 
 
 @functools.lru_cache(maxsize=64)
@@ -252,7 +264,8 @@ def _constant(shape: tuple[int, ...], value: float, device: torch.device,
 
 def record_statistics(x: Tensor | None, y: Tensor, mean: Tensor, var: Tensor,
                       weight: Tensor | None, geometry: ConvGeometry | None, *,
-                      grad_stride: int = 1, draw: tuple[int, int] = (0, 0)) -> SlotRecord:
+                      grad_stride: int = 1, draw: tuple[int, int] = (0, 0),
+                      grad_var_out: Tensor | None = None) -> SlotRecord:
     """The record of the current iteration: what compensating it later needs (no gradient).
 
     Args:
@@ -264,6 +277,8 @@ def record_statistics(x: Tensor | None, y: Tensor, mean: Tensor, var: Tensor,
             at least ``4 s^2`` images (RoI heads) every ``s^2``-th image from ``draw[0]``,
             else every ``s``-th position in each direction from ``draw``.
         draw: the random offsets in ``[0, s)``, ``[0, s^2)`` for images.
+        grad_var_out: where ``grad_var`` is written (a contiguous ``(C, D)``: the ring's free
+            slot), or None for a new tensor.
 
     Without examples (an empty ``y``: a rank without RoIs) ``Xbar`` and ``grad_var`` are 0.
     """
@@ -273,17 +288,20 @@ def record_statistics(x: Tensor | None, y: Tensor, mean: Tensor, var: Tensor,
     if y.numel() == 0:
         depth = geometry.depth(x.shape[1])
         xbar = mean.new_zeros(geometry.groups, depth)
-        grad_var = mean.new_zeros(y.shape[1], depth)
+        grad_var = (mean.new_zeros(y.shape[1], depth) if grad_var_out is None
+                    else grad_var_out.zero_())
     elif grad_stride > 1 and y.shape[0] >= 4 * step:
         # every s^2-th image (RoI): a stride-1 conv; inverse inclusion probability s^2
         xbar = mean_input_patch(x, geometry, y.shape[2:])
         first = draw[0] % step
-        grad_var = grad_var_wrt_weight(x[first::step], y[first::step], mean, geometry)
+        grad_var = grad_var_wrt_weight(x[first::step], y[first::step], mean, geometry,
+                                       out=grad_var_out)
         grad_var.mul_(y[first::step].shape[0] * step / y.shape[0])
     else:
         xbar = mean_input_patch(x, geometry, y.shape[2:])
         grad_var = grad_var_wrt_weight(x, y, mean, geometry, stride=grad_stride,
-                                       offset=(draw[0] % grad_stride, draw[1] % grad_stride))
+                                       offset=(draw[0] % grad_stride, draw[1] % grad_stride),
+                                       out=grad_var_out)
     flat_weight = weight.reshape(weight.shape[0], -1).to(grad_var.dtype)
     var_intercept = var - _slot_dot(grad_var.unsqueeze(0), flat_weight)[0]
     return SlotRecord(mean, var_intercept, xbar, grad_var)
@@ -549,7 +567,10 @@ def _grad_through_compensation(past: PastRecords, spread: Tensor, var_hat: Tenso
     slots, groups, depth = past.xbar.shape
     channels = neg_slope.shape[1]
     grad_weight = past.xbar.new_empty(weight_shape)
-    flat = _weighted_slot_sum(half_var, past.grad_var, out=grad_weight.view(channels, depth))
+    live = ([j for j, w in enumerate(past.slot_weight.tolist()) if w]
+            if _on_host(past.slot_weight) else None)
+    flat = _weighted_slot_sum(half_var, past.grad_var, out=grad_weight.view(channels, depth),
+                              live=live)
     if groups == 1:
         flat.addmm_(neg_slope.t(), past.xbar[:, 0], beta=-0.5, alpha=-1)
     else:
@@ -559,16 +580,21 @@ def _grad_through_compensation(past: PastRecords, spread: Tensor, var_hat: Tenso
     return grad_weight, neg_slope.sum(0).neg_()
 
 
-def _weighted_slot_sum(weights: Tensor, grad_var: Tensor, *, out: Tensor) -> Tensor:
+def _weighted_slot_sum(weights: Tensor, grad_var: Tensor, *, out: Tensor,
+                       live: list[int] | None = None) -> Tensor:
     """``sum_j weights_j grad_var_j`` into ``out`` ``(C, D)``, from ``(S, C)`` and
-    ``(S, C, D)``. Compiled, or small: one broadcast product and sum. Eager and large: slot by
-    slot (no ``S x C x D`` temporary; 2-4x faster from ``C D`` = 32k on the CPU)."""
+    ``(S, C, D)``; ``live``: the slots whose weights may be nonzero, if known on the host.
+    Compiled, or small: one broadcast product and sum. Eager and large: slot by slot, the live
+    ones only (no ``S x C x D`` temporary; 2-4x faster from ``C D`` = 32k on the CPU)."""
     if torch.compiler.is_compiling():
         return out.copy_(torch.mul(weights.unsqueeze(2), grad_var).sum(0))
     if grad_var[0].numel() < 32768:
         return torch.sum(torch.mul(weights.unsqueeze(2), grad_var), 0, out=out)
-    torch.mul(grad_var[0], weights[0].unsqueeze(1), out=out)
-    for slot in range(1, grad_var.shape[0]):
+    slots = range(grad_var.shape[0]) if live is None else live
+    if not slots:
+        return out.zero_()
+    torch.mul(grad_var[slots[0]], weights[slots[0]].unsqueeze(1), out=out)
+    for slot in slots[1:]:
         out.addcmul_(grad_var[slot], weights[slot].unsqueeze(1))
     return out
 
@@ -726,31 +752,8 @@ def training_step(y: Tensor, x: Tensor | None, gamma: Tensor | None, beta: Tenso
             compensated = ring.slot_weight.gt(0).sum() * y.shape[1]
             clamped_variances.add_(torch.stack([clamped, compensated]))
         if ring is not None:
-            slot = record_statistics(x, y, mean, var, conv_weight, geometry,
-                                     grad_stride=options.grad_stride, draw=draw)
-            valid = (torch.ones(1, dtype=mean.dtype, device=mean.device)
-                     if options.burnin_iters == 0 else
-                     (iteration > options.burnin_iters).to(mean.dtype).view(1))
-            fields = [slot.mean, slot.var_intercept, valid]
-            if geometry is not None:
-                fields += [slot.xbar.reshape(-1), slot.grad_var.reshape(-1)]
-            # a non-finite record is written as zeros: the slot stays in the ring, empty
-            rows = ring.records
-            if geometry is not None and pooled is None and not torch.compiler.is_compiling():
-                # eager: d var / d W copied once, from where it was computed into the free slot
-                # (compiled, inductor fuses packing the whole row into its in-place store)
-                *fields, grad_var = fields
-                rows = ring.records[:, :-grad_var.shape[0]]
-                ring.records[:, rows.shape[1]:].index_copy_(
-                    0, ring.cursor[:1], grad_var.view(1, -1).masked_fill_(bad, 0))
-            packed = torch.cat(fields).masked_fill_(bad, 0).unsqueeze(0)
-            work = None
-            if pooled is not None and geometry is not None:
-                work = _pool_record(packed, y, pooled, wait=in_flight is None)
-            if work is None:
-                rows.index_copy_(0, ring.cursor[:1], packed)
-            else:
-                in_flight.append((work, packed))
+            _write_record(ring, x, y, mean, var, conv_weight, bad, iteration, options, draw,
+                          pooled=pooled, in_flight=in_flight)
             ring.cursor[2:].fill_(1)
         if options.track_running_stats:
             num_batches_tracked.add_(1)
@@ -761,6 +764,57 @@ def training_step(y: Tensor, x: Tensor | None, gamma: Tensor | None, beta: Tenso
                                  examples=count if ring is None else ring.window[0] * count,
                                  factor=factor, keep=bad.logical_not())
     return out
+
+
+def _write_record(ring: RingState, x: Tensor | None, y: Tensor, mean: Tensor, var: Tensor,
+                  conv_weight: Tensor | None, bad: Tensor, iteration: Tensor,
+                  options: StepOptions, draw: tuple[int, int], *,
+                  pooled: PooledMoments | None, in_flight: list | None) -> None:
+    """This call's record into the ring's free slot, a non-finite window's as zeros (the slot
+    stays in the ring, empty).
+
+    On the host (:func:`_on_host`) the free slot and ``bad`` are read here, so ``d var / d W``
+    is computed in place in the slot and a non-finite window's record not at all. Otherwise
+    one packed row is written at the cursor (compiled, inductor fuses the packing into its
+    in-place store; SyncCBN pools the row first); eager, ``d var / d W`` is copied into the
+    slot directly.
+    """
+    geometry = options.geometry
+    free = int(ring.cursor[0]) if pooled is None and _on_host(y) else None
+    if free is not None and bool(bad):
+        ring.records[free].zero_()
+        return
+    channels = y.shape[1]
+    depth = 0 if geometry is None else geometry.depth(x.shape[1])
+    head = ring.records.shape[1] - channels * depth  # the fields before grad_var
+    grad_var_out = (None if free is None or geometry is None
+                    else ring.records[free, head:].view(channels, depth))
+    slot = record_statistics(x, y, mean, var, conv_weight, geometry,
+                             grad_stride=options.grad_stride, draw=draw,
+                             grad_var_out=grad_var_out)
+    valid = (torch.ones(1, dtype=mean.dtype, device=mean.device) if options.burnin_iters == 0
+             else (iteration > options.burnin_iters).to(mean.dtype).view(1))
+    fields = [slot.mean, slot.var_intercept, valid]
+    if geometry is not None:
+        fields.append(slot.xbar.reshape(-1))
+    if free is not None:
+        torch.cat(fields, out=ring.records[free, :head])
+        return
+    rows = ring.records
+    if geometry is not None and pooled is None and not torch.compiler.is_compiling():
+        rows = ring.records[:, :head]
+        ring.records[:, head:].index_copy_(
+            0, ring.cursor[:1], slot.grad_var.view(1, -1).masked_fill_(bad, 0))
+    elif geometry is not None:
+        fields.append(slot.grad_var.reshape(-1))
+    packed = torch.cat(fields).masked_fill_(bad, 0).unsqueeze(0)
+    work = None
+    if pooled is not None and geometry is not None:
+        work = _pool_record(packed, y, pooled, wait=in_flight is None)
+    if work is None:
+        rows.index_copy_(0, ring.cursor[:1], packed)
+    else:
+        in_flight.append((work, packed))
 
 
 def _pool_record(packed: Tensor, y: Tensor, pooled: PooledMoments, *, wait: bool):

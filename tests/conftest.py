@@ -30,3 +30,13 @@ def _seed_everything() -> None:
     random.seed(0)
     np.random.seed(0)
     torch.manual_seed(0)
+
+
+@pytest.fixture(params=['host', 'device'])
+def record_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Run a CPU test twice: as the CPU runs it (reading ring values on the host, free there)
+    and as on a GPU (no host reads: the device-generic writes and sums)."""
+    if request.param == 'device':
+        import mmdet_cbn.functional
+        monkeypatch.setattr(mmdet_cbn.functional, '_on_host', lambda t: False)
+    return request.param

@@ -120,6 +120,47 @@ def test_parameter_gradients_match_the_literal_reference(detach, conv_kw, device
         optimizer.step()
 
 
+@pytest.mark.parametrize('dtype', [torch.float64, torch.float32])
+def test_wide_layer_gradients_match_the_reference_while_the_window_fills_and_wraps(
+        dtype, record_path):
+    """A layer with ``C x D >= 32768``, whose weight gradient sums the past slots one by one
+    (on the CPU only those in the window): output and gradients equal the float64 literal
+    reference at every step of a window of 4 over 6 steps (filling, then wrapping around)."""
+    window, channels = 4, 32
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(128, channels, 3, padding=1),
+                          CrossIterationBatchNorm2d(channels, window_size=window)).to(dtype)
+    pair_cbn_layers(model)
+    conv, cbn = model
+    assert conv.weight.numel() >= 32768
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.002)  # a few variances clamp
+    kwargs = conv_kwargs(conv)
+    tolerance = dict(rtol=1e-9, atol=1e-9) if dtype == torch.float64 else dict(rtol=1e-4,
+                                                                               atol=1e-4)
+    past = []
+    for step in range(6):
+        x = torch.randn(2, 128, 5, 5, dtype=dtype)
+        params = [p.detach().to(torch.float64, copy=True).requires_grad_()
+                  for p in (conv.weight, conv.bias, cbn.weight, cbn.bias)]
+        w, b, gamma, beta = params
+        expected = literal_cbn(conv._conv_forward(x.double(), w, b), past[-(window - 1):], w, b,
+                               kwargs, gamma, beta, cbn.eps)
+        out = model(x)
+        grad_out = torch.randn_like(out)
+        optimizer.zero_grad()
+        out.backward(grad_out)
+        torch.testing.assert_close(out.detach().double(), expected.detach(), **tolerance)
+        wants = torch.autograd.grad(expected, params, grad_out.double())
+        scale = max(want.abs().max() for want in wants)  # the conv bias's is about 0, as in BN
+        for got, want in zip([conv.weight.grad, conv.bias.grad, cbn.weight.grad, cbn.bias.grad],
+                             wants):
+            torch.testing.assert_close(got.double() / scale, want / scale, **tolerance)
+        past.append((x.double(), w.detach(), b.detach()))
+        optimizer.step()
+    assert cbn.histories[0].filled == window - 1 and cbn.histories[0].free != 0
+    assert 0 < cbn.clamped_variances[0] < cbn.clamped_variances[1] / 4
+
+
 def test_exact_gradient_makes_a_mean_shift_gradient_free_as_in_bn():
     """A conv bias shifts the current and the compensated past means alike, so the forward
     hardly depends on it, as BN's does not at all. The default exact gradient leaves only the

@@ -155,18 +155,19 @@ def test_norm_eval_uses_running_statistics_like_bn():
     torch.testing.assert_close(model(x), bn(model[0](x)))
 
 
-def test_non_finite_batch_stays_out_of_history_and_running_stats(caplog):
+def test_non_finite_batch_stays_out_of_history_and_running_stats(record_path):
     model = paired(window=3)
     conv, cbn = model
     kwargs = conv_kwargs(conv)
     past = []
-    for step in range(6):
+    nan_step = 4  # the ring has wrapped: the free slot holds an old record
+    for step in range(7):
         x = torch.randn(2, 4, 6, 6, dtype=torch.float64)
-        if step == 2:
+        if step == nan_step:
             x[0, 0, 0, 0] = float('nan')
             mean_before = cbn.running_mean.clone()
         out = model(x)
-        if step == 2:
+        if step == nan_step:
             assert torch.isnan(out).any()
             torch.testing.assert_close(cbn.running_mean, mean_before)
             assert cbn.nonfinite_batches.item() == 1
@@ -177,16 +178,16 @@ def test_non_finite_batch_stays_out_of_history_and_running_stats(caplog):
                                    kwargs, cbn.weight.detach(), cbn.bias.detach(), cbn.eps)
             torch.testing.assert_close(out.detach(), expected)
             assert torch.isfinite(cbn.running_var).all()
-        past.append(None if step == 2 else (x, conv.weight.detach().clone(), None))
+        past.append(None if step == nan_step else (x, conv.weight.detach().clone(), None))
         model.zero_grad()
         backward(out)
-        if step > 2:  # the NaN record is out of the weight gradient too (no NaN * 0)
+        if step > nan_step:  # the NaN record is out of the weight gradient too (no NaN * 0)
             assert torch.isfinite(conv.weight.grad).all()
         with torch.no_grad():
             conv.weight.add_(0.01 * torch.randn_like(conv.weight))
 
 
-def test_non_finite_compensated_statistics_are_not_committed():
+def test_non_finite_compensated_statistics_are_not_committed(record_path):
     """A finite record can compensate to a non-finite window (here: a weight jump that
     overflows float32's variance): that step reaches neither the running statistics nor the
     history, and later steps are clean."""
