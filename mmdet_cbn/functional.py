@@ -567,10 +567,8 @@ def _grad_through_compensation(past: PastRecords, spread: Tensor, var_hat: Tenso
     slots, groups, depth = past.xbar.shape
     channels = neg_slope.shape[1]
     grad_weight = past.xbar.new_empty(weight_shape)
-    live = ([j for j, w in enumerate(past.slot_weight.tolist()) if w]
-            if _on_host(past.slot_weight) else None)
     flat = _weighted_slot_sum(half_var, past.grad_var, out=grad_weight.view(channels, depth),
-                              live=live)
+                              slot_weight=past.slot_weight)
     if groups == 1:
         flat.addmm_(neg_slope.t(), past.xbar[:, 0], beta=-0.5, alpha=-1)
     else:
@@ -581,16 +579,17 @@ def _grad_through_compensation(past: PastRecords, spread: Tensor, var_hat: Tenso
 
 
 def _weighted_slot_sum(weights: Tensor, grad_var: Tensor, *, out: Tensor,
-                       live: list[int] | None = None) -> Tensor:
+                       slot_weight: Tensor) -> Tensor:
     """``sum_j weights_j grad_var_j`` into ``out`` ``(C, D)``, from ``(S, C)`` and
-    ``(S, C, D)``; ``live``: the slots whose weights may be nonzero, if known on the host.
-    Compiled, or small: one broadcast product and sum. Eager and large: slot by slot, the live
-    ones only (no ``S x C x D`` temporary; 2-4x faster from ``C D`` = 32k on the CPU)."""
+    ``(S, C, D)``; ``weights_j`` is 0 where ``slot_weight`` ``(S,)`` is. Compiled, or small: one
+    broadcast product and sum. Eager and large: slot by slot (no ``S x C x D`` temporary; 2-4x
+    faster from ``C D`` = 32k on the CPU), on the host only the slots in the window."""
     if torch.compiler.is_compiling():
         return out.copy_(torch.mul(weights.unsqueeze(2), grad_var).sum(0))
     if grad_var[0].numel() < 32768:
         return torch.sum(torch.mul(weights.unsqueeze(2), grad_var), 0, out=out)
-    slots = range(grad_var.shape[0]) if live is None else live
+    slots = ([j for j, w in enumerate(slot_weight.tolist()) if w] if _on_host(slot_weight)
+             else range(grad_var.shape[0]))
     if not slots:
         return out.zero_()
     torch.mul(grad_var[slots[0]], weights[slots[0]].unsqueeze(1), out=out)
