@@ -87,36 +87,50 @@ def stat_dtype(t: Tensor) -> torch.dtype:
 
 def _conv_weight_grad(x: Tensor, grad_y: Tensor, weight_shape: tuple[int, ...],
                       geometry: ConvGeometry, stride: tuple[int, int],
-                      padding: tuple[int, int]) -> Tensor:
-    """The weight gradient of ``conv2d`` for output gradient ``grad_y`` (one backward conv).
-    Compiled, an opaque operator: inductor's lowering of the conv would make the input's
-    channel count a constant, one graph per channel count of a layer kind."""
+                      padding: tuple[int, int], *, out: Tensor | None = None) -> Tensor:
+    """The weight gradient of ``conv2d`` for output gradient ``grad_y``, ``(C, D)``: written
+    into ``out`` (a contiguous ``(C, D)``) where the kernel can, else a new tensor. Compiled,
+    an opaque operator: inductor's lowering of the conv would make the input's channel count
+    a constant, one graph per channel count of a layer kind."""
     args = (x, grad_y, list(weight_shape), list(stride), list(padding),
             list(geometry.dilation), geometry.groups)
     if torch.compiler.is_compiling():
-        return torch.ops.mmdet_cbn.conv_weight_grad(*args)
-    return _weight_grad_kernel(*args)
+        return torch.ops.mmdet_cbn.conv_weight_grad(*args).reshape(weight_shape[0], -1)
+    return _weight_grad_kernel(*args, out=out)
 
 
 def _weight_grad_kernel(x: Tensor, grad_y: Tensor, weight_shape: list[int], stride: list[int],
-                        padding: list[int], dilation: list[int], groups: int) -> Tensor:
+                        padding: list[int], dilation: list[int], groups: int, *,
+                        out: Tensor | None = None) -> Tensor:
+    """``(C, D)``: the unfolded product where the output has few positions for its depth
+    (:func:`_few_positions`), else the library's backward conv."""
+    if _few_positions(x, grad_y, weight_shape, groups):
+        return _unfolded_weight_grad(x, grad_y, weight_shape[2:], stride, padding, dilation,
+                                     out=out)
     weight = x.new_zeros(()).expand(weight_shape)  # gives the shape only
     _, grad_w, _ = torch.ops.aten.convolution_backward.default(
         grad_y, x, weight, None, stride, padding, dilation, False, [0, 0], groups,
         [False, True, False])
-    return grad_w
+    return grad_w.reshape(weight_shape[0], -1)
 
 
-@torch.library.custom_op('mmdet_cbn::conv_weight_grad', mutates_args=())
 def _conv_weight_grad_op(x: Tensor, grad_y: Tensor, weight_shape: list[int], stride: list[int],
                          padding: list[int], dilation: list[int], groups: int) -> Tensor:
     return _weight_grad_kernel(x, grad_y, weight_shape, stride, padding, dilation,
-                               groups).contiguous()
+                               groups).reshape(weight_shape).contiguous()
 
 
-@_conv_weight_grad_op.register_fake
-def _(x: Tensor, grad_y: Tensor, weight_shape: list[int], *args) -> Tensor:
+def _conv_weight_grad_shape(x: Tensor, grad_y: Tensor, weight_shape: list[int], *args) -> Tensor:
     return x.new_empty(weight_shape)
+
+
+# A plain operator library, not ``torch.library.custom_op``, whose Python wrapper costs
+# 30-50 us per call (a tiny layer's whole kernel time); the operator takes no gradient.
+_library = torch.library.Library('mmdet_cbn', 'DEF')
+_library.define('conv_weight_grad(Tensor x, Tensor grad_y, SymInt[] weight_shape, int[] stride, '
+                'int[] padding, int[] dilation, int groups) -> Tensor')
+_library.impl('conv_weight_grad', _conv_weight_grad_op, 'CompositeExplicitAutograd')
+torch.library.register_fake('mmdet_cbn::conv_weight_grad', _conv_weight_grad_shape, lib=_library)
 
 
 def _tap_rows(size: int, out_size: int, kernel: int, stride: int, padding: int,
@@ -210,13 +224,10 @@ def grad_var_wrt_weight(x: Tensor, y: Tensor, mean: Tensor, geometry: ConvGeomet
     scale_output = torch.compiler.is_compiling() or centered.numel() < math.prod(weight_shape)
     if scale_output:
         centered.mul_(factor)
-    if stride == 1 and _few_positions(x, centered, geometry):
-        grad_w = _unfolded_weight_grad(xf, centered, geometry, out=out)
-    else:
-        grad_w = _conv_weight_grad(xf.contiguous(), centered, weight_shape, geometry,
-                                   conv_stride, conv_padding).reshape(weight_shape[0], -1)
-        if out is not None:  # one pass: the copy, scaled on the way if it is not yet
-            return out.copy_(grad_w) if scale_output else torch.mul(grad_w, factor, out=out)
+    grad_w = _conv_weight_grad(xf.contiguous(), centered, weight_shape, geometry, conv_stride,
+                               conv_padding, out=out)
+    if out is not None and grad_w is not out:  # one pass: the copy, scaled on the way if needed
+        return out.copy_(grad_w) if scale_output else torch.mul(grad_w, factor, out=out)
     return grad_w if scale_output else grad_w.mul_(factor)
 
 
@@ -229,24 +240,24 @@ def _on_host(t: Tensor) -> bool:
     return not torch.compiler.is_compiling() and t.device.type == 'cpu'
 
 
-def _few_positions(x: Tensor, grad_y: Tensor, geometry: ConvGeometry) -> bool:
+def _few_positions(x: Tensor, grad_y: Tensor, weight_shape: list[int], groups: int) -> bool:
     """Whether the weight gradient is cheaper as an unfolded product: on the CPU, for an
     ungrouped conv whose output has few positions for its depth (a backbone's last stages at
     low resolution: 7 x 7 or smaller maps, 256-512 channels), where oneDNN's weight-gradient
-    kernel is 1.4-4x slower than the product; eager only (a branch on sizes would specialize
-    compiled code)."""
-    if not _on_host(x) or geometry.groups != 1:
-        return False  # (compiling: before any comparison of sizes, which dynamo would guard)
+    kernel is 1.4-4x slower than the product. Decided where the sizes are numbers: eager, or
+    inside the compiled code's opaque operator."""
+    if x.device.type != 'cpu' or groups != 1:
+        return False
     positions = grad_y.shape[0] * grad_y.shape[2] * grad_y.shape[3]
-    return 0 < positions * DEPTH_PER_POSITION <= geometry.depth(x.shape[1])
+    return 0 < positions * DEPTH_PER_POSITION <= math.prod(weight_shape[1:])
 
 
-def _unfolded_weight_grad(x: Tensor, grad_y: Tensor, geometry: ConvGeometry, *,
+def _unfolded_weight_grad(x: Tensor, grad_y: Tensor, kernel_size: list[int], stride: list[int],
+                          padding: list[int], dilation: list[int], *,
                           out: Tensor | None = None) -> Tensor:
     """The weight gradient of an ungrouped conv as ``grad_y (C, N L) @ patches (N L, D)``,
     ``(C, D)`` (into ``out`` if given): ``x`` unfolded into its ``L`` patches per image."""
-    patches = torch.nn.functional.unfold(x, geometry.kernel_size, geometry.dilation,
-                                         geometry.padding, geometry.stride)  # (N, D, L)
+    patches = torch.nn.functional.unfold(x, kernel_size, dilation, padding, stride)  # (N, D, L)
     images, depth, positions = patches.shape
     channels = grad_y.shape[1]
     return torch.mm(grad_y.reshape(images, channels, positions).transpose(0, 1)
@@ -566,6 +577,15 @@ def _grad_through_compensation(past: PastRecords, spread: Tensor, var_hat: Tenso
     neg_slope.addcmul_(half_var, delta, value=-1)
     slots, groups, depth = past.xbar.shape
     channels = neg_slope.shape[1]
+    if torch.compiler.is_compiling():
+        # both sums in one pass over the slots, which inductor fuses into one kernel (a sum
+        # over a tensor's first dimension would materialize the S x C x D products first);
+        # the slot count is fixed per window size
+        xbar = (past.xbar if groups == 1 else past.xbar.unsqueeze(2).expand(
+            slots, groups, channels // groups, depth).reshape(slots, channels, depth))
+        grad_weight = sum(half_var[j].unsqueeze(1) * past.grad_var[j] * -0.5
+                          - neg_slope[j].unsqueeze(1) * xbar[j] for j in range(slots))
+        return grad_weight.view(weight_shape), neg_slope.sum(0).neg_()
     grad_weight = past.xbar.new_empty(weight_shape)
     flat = _weighted_slot_sum(half_var, past.grad_var, out=grad_weight.view(channels, depth),
                               slot_weight=past.slot_weight)
@@ -581,11 +601,9 @@ def _grad_through_compensation(past: PastRecords, spread: Tensor, var_hat: Tenso
 def _weighted_slot_sum(weights: Tensor, grad_var: Tensor, *, out: Tensor,
                        slot_weight: Tensor) -> Tensor:
     """``sum_j weights_j grad_var_j`` into ``out`` ``(C, D)``, from ``(S, C)`` and
-    ``(S, C, D)``; ``weights_j`` is 0 where ``slot_weight`` ``(S,)`` is. Compiled, or small: one
-    broadcast product and sum. Eager and large: slot by slot (no ``S x C x D`` temporary; 2-4x
+    ``(S, C, D)``; ``weights_j`` is 0 where ``slot_weight`` ``(S,)`` is. Small: one broadcast
+    product and sum. Large: slot by slot (no ``S x C x D`` temporary; 2-4x
     faster from ``C D`` = 32k on the CPU), on the host only the slots in the window."""
-    if torch.compiler.is_compiling():
-        return out.copy_(torch.mul(weights.unsqueeze(2), grad_var).sum(0))
     if grad_var[0].numel() < 32768:
         return torch.sum(torch.mul(weights.unsqueeze(2), grad_var), 0, out=out)
     slots = ([j for j, w in enumerate(slot_weight.tolist()) if w] if _on_host(slot_weight)

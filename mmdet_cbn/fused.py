@@ -68,31 +68,30 @@ def _compiled_step(key: tuple):
 class _SharedShapes:
     """Around a call of a compiled step, the settings under which dynamo compiles it: no
     "duck sizing" (sizes that happen to be equal, say a map's height and a channel count,
-    would become one symbol, and the next layer, where they differ, a recompilation) and room
-    for the few graphs a kind needs (batch 1, a map of 1 pixel, ...). Set and restored per
-    call (a few microseconds): nothing changes for other compiled code."""
+    would become one symbol, and the next layer, where they differ, a recompilation),
+    parameters with symbolic sizes like any tensor (dynamo's default gives them constant
+    sizes: one graph per channel count) and room for the few graphs a kind needs (batch 1, a
+    map of 1 pixel, ...). Set and restored per call (a few microseconds): nothing changes for
+    other compiled code."""
 
     def __enter__(self) -> None:
         # imported here: importing torch._dynamo registers safe globals for torch.load
         import torch._dynamo.config as dynamo_config
         import torch.fx.experimental._config as fx_config
         self.configs = dynamo_config, fx_config
-        self.saved = dynamo_config.recompile_limit, fx_config.use_duck_shape
+        self.saved = (dynamo_config.recompile_limit, dynamo_config.force_parameter_static_shapes,
+                      fx_config.use_duck_shape)
         dynamo_config.recompile_limit = RECOMPILE_LIMIT
+        dynamo_config.force_parameter_static_shapes = False
         fx_config.use_duck_shape = False
 
     def __exit__(self, *exc) -> None:
         dynamo_config, fx_config = self.configs
-        dynamo_config.recompile_limit, fx_config.use_duck_shape = self.saved
+        (dynamo_config.recompile_limit, dynamo_config.force_parameter_static_shapes,
+         fx_config.use_duck_shape) = self.saved
 
 
 _shared_shapes = _SharedShapes()
-
-
-def _input(t: Tensor | None) -> Tensor | None:
-    """A parameter as a view of itself: dynamo gives a parameter's sizes constants (one graph
-    per channel count), a plain tensor's symbols. The gradient flows through the view."""
-    return t.view_as(t) if isinstance(t, torch.nn.Parameter) else t
 
 
 def fused_step(y: Tensor, x: Tensor | None, gamma: Tensor | None, beta: Tensor | None,
@@ -107,8 +106,10 @@ def fused_step(y: Tensor, x: Tensor | None, gamma: Tensor | None, beta: Tensor |
     if reason is None:
         step = _compiled_step((options, ring is None, record))
         try:
+            # parameters as they are (not views): autograd then adds the conv's own weight
+            # gradient into the step's in place, not into a new C x D tensor
             with _shared_shapes:
-                return step(y, *map(_input, args), **kwargs)
+                return step(y, *args, **kwargs)
         except Exception as error:  # noqa: BLE001 - the eager step tells whose error it is
             out = training_step(y, *args, **kwargs)  # raises it again if the input is at fault
             message = str(error).strip().splitlines()

@@ -81,13 +81,21 @@ def test_grad_var_on_a_deep_input_with_few_output_positions_matches_autograd(nam
                                expected.reshape(6, -1), **tolerance)
 
 
+@pytest.mark.parametrize('deep', [False, True])
 @pytest.mark.parametrize('name', ['plain', 'strided', 'dilated', 'rect_strided_grouped'])
-def test_compiled_weight_gradient_operator_agrees_with_its_shape_function(name):
+def test_compiled_weight_gradient_operator_agrees_with_its_shape_function(name, deep):
     """The weight-gradient convolution compiled code calls as an opaque operator (so that
     inductor keeps channel counts symbolic): its result is autograd's weight gradient, and its
     fake (shape) function agrees with it, which ``torch.library.opcheck`` verifies, also for a
-    channels-last input."""
-    conv, x = make(name, batch=2, size=(7, 6))
+    channels-last input, and for a deep input with few output positions, where the operator
+    computes an unfolded product (ungrouped convs)."""
+    if deep:
+        torch.manual_seed(0)
+        conv = nn.Conv2d(**dict(CONVS[name], in_channels=64 * CONVS[name].get('groups', 1),
+                                bias=False)).double()
+        x = torch.randn(2, conv.in_channels, 3, 3, dtype=torch.float64)
+    else:
+        conv, x = make(name, batch=2, size=(7, 6))
     geometry = ConvGeometry.of(conv)
     y = conv(x)
     grad_y = torch.randn_like(y)
@@ -98,6 +106,8 @@ def test_compiled_weight_gradient_operator_agrees_with_its_shape_function(name):
                 geometry.groups)
         torch.testing.assert_close(torch.ops.mmdet_cbn.conv_weight_grad(*args), expected)
         torch.library.opcheck(torch.ops.mmdet_cbn.conv_weight_grad.default, args)
+    few = functional._few_positions(x, y, list(conv.weight.shape), geometry.groups)
+    assert few == (deep and geometry.groups == 1)
 
 
 @pytest.mark.parametrize('name', list(CONVS))
@@ -128,11 +138,19 @@ def test_compensated_mean_is_exact_and_variance_error_is_second_order(name):
 
 @pytest.mark.parametrize('size', [(11, 10), (7, 5), (1, 1)])
 @pytest.mark.parametrize('s', [2, 3])
-@pytest.mark.parametrize('name', ['strided', 'plain', 'biased_1x1', 'strided_grouped_1x1'])
+@pytest.mark.parametrize('name', ['strided', 'plain', 'biased_1x1', 'strided_grouped_1x1',
+                                  'deep'])
 def test_sampled_grad_var_is_unbiased_for_every_map_size(name, s, size):
     """The average over all offsets is the exact ``d var / d W``, whether or not the stride
-    divides the output size, and a map smaller than the offset gives an empty sample."""
-    conv, x = make(name, size=size)
+    divides the output size, and a map smaller than the offset gives an empty sample; also
+    where the weight gradient is an unfolded product (``deep``: few output positions for the
+    depth, at the smaller maps)."""
+    if name == 'deep':
+        torch.manual_seed(0)
+        conv = nn.Conv2d(64, 6, 3, stride=2, padding=1, bias=False).double()
+        x = torch.randn(3, 64, *size, dtype=torch.float64)
+    else:
+        conv, x = make(name, size=size)
     geometry = ConvGeometry.of(conv)
     y = conv(x).detach()
     mean = y.mean((0, 2, 3))
