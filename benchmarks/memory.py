@@ -13,7 +13,8 @@
    ``torch.profiler`` (``profile_memory=True``): the running total of the bytes allocated
    during the step and not yet freed, whose maximum is the step's peak.
 
-Usage: ``python benchmarks/memory.py --out memory.json`` (``--quick`` for tiny shapes).
+Usage: ``python benchmarks/memory.py --out memory.json`` (``--quick`` for tiny shapes,
+``--fused`` to add the compiled step).
 """
 from __future__ import annotations
 
@@ -113,9 +114,9 @@ def _peak_cpu(step: Callable[[], None]) -> int:
 
 
 def step_peaks(shape: tuple[int, int, int, int], device: torch.device,
-               seed: int) -> dict[str, Any]:
-    """Peak memory of a step of conv + BN / CBN (exact gradient, detached, sampled ``G``) / the
-    authors' approach.
+               seed: int, fused: bool = False) -> dict[str, Any]:
+    """Peak memory of a step of conv + BN / CBN (exact gradient, detached, sampled ``G``; with
+    ``fused`` also the exact step compiled, ``fused=True``) / the authors' approach.
 
     ``step_peak_bytes``: allocated during the step above what was allocated before it;
     ``total_peak_bytes``: that plus what was live before it (the step's input and output
@@ -139,6 +140,8 @@ def step_peaks(shape: tuple[int, int, int, int], device: torch.device,
         'cbn_sampled': paired(_cbn(c, device, grad_nu_stride=2)),
         'autograd_cbn': AutogradCBN(copy.deepcopy(conv), WINDOW).to(device),
     }
+    if fused:
+        models['cbn_fused'] = paired(_cbn(c, device, fused=True))
     base = tensor_bytes([x, grad_out])
     results: dict[str, Any] = {'shape': list(shape), 'input_bytes': base}
     for name, model in models.items():
@@ -159,7 +162,7 @@ def step_peaks(shape: tuple[int, int, int, int], device: torch.device,
             state += sum(tensor_bytes(record) for record in model.past)
         results[name] = {'step_peak_bytes': peak, 'state_bytes': state,
                          'total_peak_bytes': base + state + peak}
-    for name in CBN_VARIANTS:
+    for name in [name for name in models if name != 'bn']:
         for key in ('step_peak_bytes', 'total_peak_bytes'):
             results[name][f'{key} / bn'] = results[name][key] / results['bn'][key]
     return results
@@ -180,8 +183,10 @@ def print_report(results: dict[str, Any]) -> None:
     for name, res in results['step_peak'].items():
         print(f"\n== step peak at {name} {tuple(res['shape'])} (input and output gradient "
               f"{res['input_bytes'] / MiB:.1f} MiB) ==")
-        for variant in ('bn', *CBN_VARIANTS):
-            v = res[variant]
+        for variant in ('bn', *CBN_VARIANTS, 'cbn_fused'):
+            v = res.get(variant)
+            if v is None:
+                continue
             extra = ''
             if variant != 'bn':
                 extra = (f"  step peak x{v['step_peak_bytes / bn']:.3f}, total "
@@ -196,6 +201,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     add_common_arguments(parser, repeats=None)
     parser.add_argument('--shapes', nargs='+', choices=sorted(SHAPES), default=['fpn', 'roi'])
     parser.add_argument('--windows', nargs='+', type=int, default=[2, 4, 8])
+    parser.add_argument('--fused', action='store_true',
+                        help='also the exact step compiled (fused=True)')
     parser.add_argument('--quick', action='store_true', help='smoke run on tiny shapes')
     args = parser.parse_args(argv)
     if args.quick:
@@ -205,7 +212,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     results: dict[str, Any] = {
         **run_record(args, device),
         'state': [layer_state(channels, window, device) for window in args.windows],
-        'step_peak': {name: step_peaks(SHAPES[name], device, args.seed)
+        'step_peak': {name: step_peaks(SHAPES[name], device, args.seed, args.fused)
                       for name in args.shapes},
     }
     print_report(results)
