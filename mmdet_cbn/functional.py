@@ -107,7 +107,8 @@ def _weight_grad_kernel(x: Tensor, grad_y: Tensor, weight_shape: list[int], stri
     if _few_positions(x, grad_y, weight_shape, groups):
         return _unfolded_weight_grad(x, grad_y, weight_shape[2:], stride, padding, dilation,
                                      out=out)
-    weight = x.new_zeros(()).expand(weight_shape)  # gives the shape only
+    # gives the shape only; not an expanded tensor, which the kernel would first materialize
+    weight = x.new_empty(weight_shape)
     _, grad_w, _ = torch.ops.aten.convolution_backward.default(
         grad_y, x, weight, None, stride, padding, dilation, False, [0, 0], groups,
         [False, True, False])
@@ -124,8 +125,9 @@ def _conv_weight_grad_shape(x: Tensor, grad_y: Tensor, weight_shape: list[int], 
     return x.new_empty(weight_shape)
 
 
-# A plain operator library, not ``torch.library.custom_op``, whose Python wrapper costs
-# 30-50 us per call (a tiny layer's whole kernel time); the operator takes no gradient.
+# A plain operator library, not ``torch.library.custom_op``: its Python wrapper costs about
+# 40 us per call against 15 (on this scale a tiny layer's whole step is ~1 ms). The operator
+# takes no gradient.
 _library = torch.library.Library('mmdet_cbn', 'DEF')
 _library.define('conv_weight_grad(Tensor x, Tensor grad_y, SymInt[] weight_shape, int[] stride, '
                 'int[] padding, int[] dilation, int groups) -> Tensor')
