@@ -23,7 +23,8 @@ from .functional import RingState, StepOptions, training_step
 __all__ = ['fused_step', 'fusion_unavailable', 'FUSED_DEVICES']
 
 FUSED_DEVICES = ('cuda', 'cpu')  # inductor's; CPU and GPU kernels from one source
-RECOMPILE_LIMIT = 32  # graphs per layer kind (dynamo's default: 8 per function)
+RECOMPILE_LIMIT = 32  # graphs per layer kind (dynamo's default: 8 per function;
+# room for the few a kind needs: batch 1, a map of 1 pixel, ...)
 logger = logging.getLogger('mmdet_cbn')
 
 _compiled: dict[tuple, object] = {}
@@ -54,41 +55,45 @@ def _announce(reason: str) -> None:
 
 def _compiled_step(key: tuple):
     """The step compiled for one kind of layer: its own code object, so that each kind has
-    its own dynamo cache (and recompile limit) and no kind evicts another."""
+    its own dynamo cache (and recompile limit) and no kind evicts another. Without inductor's
+    checks of the input sizes (about 1 us each, some thirty per step): dynamo's guards check
+    the same before every call."""
     step = _compiled.get(key)
     if step is None:
         clone = types.FunctionType(training_step.__code__.replace(), training_step.__globals__,
                                    training_step.__name__, training_step.__defaults__,
                                    training_step.__closure__)
         clone.__kwdefaults__ = training_step.__kwdefaults__
-        step = _compiled[key] = torch.compile(clone, dynamic=True, fullgraph=True)
+        step = _compiled[key] = torch.compile(clone, dynamic=True, fullgraph=True,
+                                              recompile_limit=RECOMPILE_LIMIT,
+                                              options={'size_asserts': False})
     return step
 
 
 class _SharedShapes:
     """Around a call of a compiled step, the settings under which dynamo compiles it: no
     "duck sizing" (sizes that happen to be equal, say a map's height and a channel count,
-    would become one symbol, and the next layer, where they differ, a recompilation),
+    would become one symbol, and the next layer, where they differ, a recompilation) and
     parameters with symbolic sizes like any tensor (dynamo's default gives them constant
-    sizes: one graph per channel count) and room for the few graphs a kind needs (batch 1, a
-    map of 1 pixel, ...). Set and restored per call (a few microseconds): nothing changes for
-    other compiled code."""
+    sizes: one graph per channel count). Set and restored per call (a few microseconds):
+    nothing changes for other compiled code."""
+
+    configs = None
 
     def __enter__(self) -> None:
-        # imported here: importing torch._dynamo registers safe globals for torch.load
-        import torch._dynamo.config as dynamo_config
-        import torch.fx.experimental._config as fx_config
-        self.configs = dynamo_config, fx_config
-        self.saved = (dynamo_config.recompile_limit, dynamo_config.force_parameter_static_shapes,
-                      fx_config.use_duck_shape)
-        dynamo_config.recompile_limit = RECOMPILE_LIMIT
+        if self.configs is None:
+            # imported here: importing torch._dynamo registers safe globals for torch.load
+            import torch._dynamo.config as dynamo_config
+            import torch.fx.experimental._config as fx_config
+            type(self).configs = dynamo_config, fx_config
+        dynamo_config, fx_config = self.configs
+        self.saved = dynamo_config.force_parameter_static_shapes, fx_config.use_duck_shape
         dynamo_config.force_parameter_static_shapes = False
         fx_config.use_duck_shape = False
 
     def __exit__(self, *exc) -> None:
         dynamo_config, fx_config = self.configs
-        (dynamo_config.recompile_limit, dynamo_config.force_parameter_static_shapes,
-         fx_config.use_duck_shape) = self.saved
+        dynamo_config.force_parameter_static_shapes, fx_config.use_duck_shape = self.saved
 
 
 _shared_shapes = _SharedShapes()

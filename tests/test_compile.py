@@ -177,7 +177,8 @@ def test_one_fused_kind_serves_many_channel_counts_and_sizes(fresh_fusion, monke
     share a handful of graphs (dynamo gives parameters constant sizes, and equal sizes one
     symbol: both would compile a graph per layer and hit the recompile limit; a size test
     traced for a path only the eager step takes would split them too), and train as the eager
-    step does."""
+    step does; whatever dynamo's own recompile limit."""
+    monkeypatch.setattr(torch._dynamo.config, 'recompile_limit', 1)
     real_compile = torch.compile
     monkeypatch.setattr(torch, 'compile', lambda fn, **kw: real_compile(fn, backend='aot_eager',
                                                                         **kw))
