@@ -23,8 +23,9 @@ from .functional import RingState, StepOptions, training_step
 __all__ = ['fused_step', 'fusion_unavailable', 'FUSED_DEVICES']
 
 FUSED_DEVICES = ('cuda', 'cpu')  # inductor's; CPU and GPU kernels from one source
-RECOMPILE_LIMIT = 32  # graphs per layer kind (dynamo's default: 8 per function;
-# room for the few a kind needs: batch 1, a map of 1 pixel, ...)
+# graphs per layer kind (dynamo's default: 8 per function): room for the few a kind needs
+# (batch 1, a map of 1 pixel, ...)
+RECOMPILE_LIMIT = 32
 logger = logging.getLogger('mmdet_cbn')
 
 _compiled: dict[tuple, object] = {}
