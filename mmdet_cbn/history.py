@@ -36,6 +36,7 @@ class History:
         self.shape = (channels, groups, depth)
         self.records = torch.zeros(slots + 1, self.record_size, device=device, dtype=dtype)
         self.cursor = torch.zeros(3, dtype=torch.long, device=device)
+        self.cursor_moves = _cursor_moves(slots + 1, device)
         self.slot_weight = torch.zeros(slots + 1, device=device, dtype=dtype)
         self.window = torch.ones(1, device=device, dtype=dtype)
         self.in_flight: list = []  # SyncCBN: (work, row) of a pooled record being all-reduced
@@ -89,7 +90,8 @@ class History:
     def commit(self) -> None:
         """The running iteration's record joins the window, the oldest leaves (no host sync)."""
         self.settle()
-        _commit(self._valid_column(), self.cursor, self.slot_weight, self.window)
+        _commit(self._valid_column(), self.cursor, self.cursor_moves, self.slot_weight,
+                self.window)
 
     def __getstate__(self) -> dict:
         self.settle()
@@ -128,6 +130,7 @@ class History:
         dtype = torch.float64 if probe.dtype == torch.float64 else torch.float32
         self.records = self.records.to(probe.device, dtype)
         self.cursor = self.cursor.to(probe.device)
+        self.cursor_moves = self.cursor_moves.to(probe.device)
         self.slot_weight = self.slot_weight.to(probe.device, dtype)
         self.window = self.window.to(probe.device, dtype)
         self._make_views()
@@ -160,12 +163,21 @@ def _weigh(valid: Tensor, cursor: Tensor, slot_weight: Tensor, window: Tensor) -
     window.copy_(slot_weight.sum(0, keepdim=True) + 1)
 
 
-def _commit(valid: Tensor, cursor: Tensor, slot_weight: Tensor, window: Tensor) -> None:
-    """Advance the ring past a written free slot: ``[free, filled, written] <- [(free + w) %
-    P, min(filled + w, P - 1), 0]`` with ``w = written``, then weigh the slots."""
-    physical = valid.shape[0]
-    cursor[:2].add_(cursor[2:])
-    cursor[:1].remainder_(physical)
-    cursor[1:2].clamp_(max=physical - 1)
-    cursor[2:].zero_()
+def _cursor_moves(physical: int, device: torch.device) -> Tensor:
+    """``(2, 3)`` long: how a commit moves ``[free, filled, written]`` (:func:`_commit`)."""
+    return torch.tensor([[1, 1, -1], [physical, 1, 0]], device=device)
+
+
+def _commit(valid: Tensor, cursor: Tensor, moves: Tensor, slot_weight: Tensor,
+            window: Tensor) -> None:
+    """Advance the ring past a written free slot, ``[free, filled, written] <- [(free + w) %
+    P, min(filled + w, P - 1), 0]`` with ``w = written``, then weigh the slots.
+
+    In one expression over the whole cursor: add ``w moves[0] = w [1, 1, -1]``, then take
+    ``moves[1] = [P, 1, 0]`` from the positions that reached ``P`` (free wraps to 0, filled
+    stays at ``P - 1``). Compiled into a model, the ring's free slot is then a short
+    expression of the cursor, not one that every element of the record's write recomputes
+    through a chain of slice updates."""
+    moved = torch.addcmul(cursor, cursor[2], moves[0])
+    cursor.copy_(torch.addcmul(moved, moved.eq(valid.shape[0]), moves[1], value=-1))
     _weigh(valid, cursor, slot_weight, window)

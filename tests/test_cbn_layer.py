@@ -1,5 +1,6 @@
 """CrossIterationBatchNorm2d against BatchNorm2d and the literal reference of Eq. 7-11."""
 import copy
+import itertools
 
 import pytest
 import torch
@@ -7,6 +8,7 @@ from torch import nn
 
 from cbn_reference import conv_kwargs, literal_cbn
 from mmdet_cbn import CrossIterationBatchNorm2d, convert_cbn, pair_cbn_layers
+from mmdet_cbn.history import History
 
 # The reference checks run on CUDA too where a GPU is present (never in CI).
 DEVICES = ['cpu', pytest.param('cuda', marks=pytest.mark.skipif(
@@ -554,6 +556,24 @@ def test_changing_the_window_keeps_the_newest_records(new_window):
                            cbn.weight.detach(), cbn.bias.detach(), cbn.eps)
     torch.testing.assert_close(model(x).detach(), expected, rtol=1e-9, atol=1e-9)
     assert cbn.histories[0].slots == new_window - 1
+
+
+@pytest.mark.parametrize('slots', [1, 2, 4])
+def test_a_commit_advances_the_ring_past_a_written_slot_and_keeps_the_valid_ones(slots):
+    """From every ring position: ``[free, filled, written] -> [(free + w) % P, min(filled + w,
+    P - 1), 0]``; the window weighs the valid committed slots, never the free one."""
+    physical = slots + 1
+    for free, filled, written in itertools.product(range(physical), range(physical), (0, 1)):
+        history = History(slots, 2, 1, 1, torch.device('cpu'), torch.float32)
+        valid = [(free + 2 * slot) % 3 != 0 for slot in range(physical)]  # some slots empty
+        history.valid.copy_(torch.tensor(valid, dtype=torch.float32))
+        history.cursor.copy_(torch.tensor([free, filled, written]))
+        history.commit()
+        new_free = (free + written) % physical
+        assert history.cursor.tolist() == [new_free, min(filled + written, slots), 0]
+        weights = [float(v and slot != new_free) for slot, v in enumerate(valid)]
+        assert history.slot_weight.tolist() == weights
+        assert history.window.tolist() == [1 + sum(weights)]
 
 
 def test_torch_compile_matches_eager():
