@@ -16,10 +16,13 @@ classes, 2 images per step (``--batch``), SGD; one thread by default. Per input 
   and the recompilations over ``--vary-steps`` steps with other batch and image sizes, after
   the first three of them (the first new sizes make the shapes dynamic: one recompilation).
 
-Ratios are of medians of interleaved repetitions in one run (:mod:`common`). Usage::
+Ratios are of medians of interleaved repetitions in one run (:mod:`common`), beside the minor
+page faults per step (memory the allocator handed back to the system and maps again: variants
+in one process share the allocator's state, ``--variants`` runs some of them alone). Usage::
 
     python benchmarks/backbone_step.py --depth 18 --sizes 224 64 --fused --compiled \
         --clock cpu --out r18.json
+    python benchmarks/backbone_step.py --variants cbn --sizes 64 --clock cpu   # CBN alone
     python benchmarks/backbone_step.py --quick          # smoke run (tiny ResNet-18, 32 px)
 """
 from __future__ import annotations
@@ -116,6 +119,8 @@ def run_size(args: argparse.Namespace, device: torch.device, size: int) -> dict[
     names = ['bn', 'floor', 'cbn'] + (['cbn_fused'] if args.fused else [])
     if args.compiled:
         names += ['bn_compiled', 'cbn_compiled']
+    if args.variants:
+        names = [n for n in names if n in args.variants]
     steps, compiles = {}, {}
     for name in names:
         model = build(name.removesuffix('_compiled'), args.depth, args.seed)
@@ -140,10 +145,12 @@ def run_size(args: argparse.Namespace, device: torch.device, size: int) -> dict[
     timings = interleaved(steps, args.repeats, device, warmup=1, clock=args.clock)
     result = {'size': size, 'ms': {n: 1e3 * t['median_s'] for n, t in timings.items()},
               'min_ms': {n: 1e3 * t['min_s'] for n, t in timings.items()},
-              'ratio_to_bn': {n: ratio(timings, n, 'bn') for n in names},
-              'ratio_to_floor': {n: ratio(timings, n, 'floor') for n in names},
+              'page_faults_per_step': {n: t['page_faults'] for n, t in timings.items()},
+              'ratio_to_bn': {n: ratio(timings, n, 'bn') for n in names if 'bn' in names},
+              'ratio_to_floor': {n: ratio(timings, n, 'floor') for n in names
+                                 if 'floor' in names},
               'compile': compiles, 'cbn_layers': len(cbn_layers(build('cbn', args.depth, 0)))}
-    if args.compiled:
+    if {'bn_compiled', 'cbn_compiled'} <= set(names):
         result['cbn_compiled_over_bn_compiled'] = ratio(timings, 'cbn_compiled', 'bn_compiled')
     return result
 
@@ -161,6 +168,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                         help='also the whole model compiled (inductor), BN and CBN')
     parser.add_argument('--vary-steps', type=int, default=20,
                         help='steps with other sizes after the warm-up, counting recompiles')
+    parser.add_argument('--variants', nargs='+', default=None,
+                        help='only these variants (e.g. one per process, so that none shares '
+                             "the memory allocator's state with another)")
     parser.add_argument('--quick', action='store_true', help='smoke run')
     args = parser.parse_args(argv)
     if args.threads is None:
@@ -179,13 +189,19 @@ def print_table(results: dict[str, Any]) -> None:
     env = results['environment']
     print(f"\nResNet-{results['args']['depth']}, {results['args']['batch']} images, "
           f"{env['torch_threads']} thread(s), clock {results['args']['clock']}; ms per SGD "
-          'step (median), ratio to BN / to the floor')
+          'step (median), ratio to BN / to the floor, minor page faults per step')
     for entry in results['sizes']:
-        cells = ', '.join(f"{n} {entry['ms'][n]:.0f} ({entry['ratio_to_bn'][n]:.2f}x / "
-                          f"{entry['ratio_to_floor'][n]:.2f}x)" for n in entry['ms'])
+        cells = ', '.join(f"{n} {entry['ms'][n]:.0f} ({_ratio(entry, 'ratio_to_bn', n)} / "
+                          f"{_ratio(entry, 'ratio_to_floor', n)}, "
+                          f"{entry['page_faults_per_step'][n]} faults)" for n in entry['ms'])
         print(f"{entry['size']} px: {cells}")
         for name, report in entry['compile'].items():
             print(f'  {name}: {report}')
+
+
+def _ratio(entry: dict[str, Any], key: str, name: str) -> str:
+    value = entry[key].get(name)
+    return '-' if value is None else f'{value:.2f}x'
 
 
 if __name__ == '__main__':

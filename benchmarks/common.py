@@ -14,6 +14,7 @@ import json
 import os
 import platform
 import statistics
+import sys
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -24,8 +25,8 @@ import torch
 import mmdet_cbn
 
 __all__ = ['CLOCKS', 'add_common_arguments', 'setup_torch', 'synchronize', 'time_call',
-           'interleaved', 'environment', 'run_record', 'write_json', 'ratio', 'tensor_bytes',
-           'cuda_step_peak']
+           'page_faults', 'interleaved', 'environment', 'run_record', 'write_json', 'ratio',
+           'tensor_bytes', 'cuda_step_peak']
 
 
 def add_common_arguments(parser: argparse.ArgumentParser, repeats: int | None,
@@ -89,10 +90,21 @@ def time_call(fn: Callable[[], Any], device: torch.device, clock: str = 'wall',
     return (now() - start) / calls
 
 
+def page_faults() -> int | None:
+    """Minor page faults of this process so far (pages the kernel had to map on first touch),
+    or None where ``resource`` is missing (Windows)."""
+    if sys.platform == 'win32':
+        return None
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
 def interleaved(variants: dict[str, Callable[[], Any]], repeats: int, device: torch.device,
                 warmup: int = 1, clock: str = 'wall', calls: int = 1) -> dict[str, dict[str, Any]]:
-    """Time each variant ``repeats`` times, interleaved; return median, min and all samples (s).
-    Each sample is the mean of ``calls`` calls (:func:`time_call`).
+    """Time each variant ``repeats`` times, interleaved; return median, min and all samples (s),
+    and the median minor page faults per call (``page_faults``: freshly mapped memory, which
+    the allocator's handling of large temporaries decides; None where not counted). Each
+    sample is the mean of ``calls`` calls (:func:`time_call`).
 
     ``warmup`` untimed calls of every variant come first (allocator, kernel selection).
     """
@@ -101,11 +113,16 @@ def interleaved(variants: dict[str, Callable[[], Any]], repeats: int, device: to
         for name in names:
             variants[name]()
     samples: dict[str, list[float]] = {name: [] for name in names}
+    faults: dict[str, list[float]] = {name: [] for name in names}
     for rep in range(repeats):
         shift = rep % len(names)
         for name in names[shift:] + names[:shift]:
+            before = page_faults()
             samples[name].append(time_call(variants[name], device, clock, calls))
-    return {name: {'median_s': statistics.median(s), 'min_s': min(s), 'samples_s': s}
+            if before is not None:
+                faults[name].append((page_faults() - before) / calls)
+    return {name: {'median_s': statistics.median(s), 'min_s': min(s), 'samples_s': s,
+                   'page_faults': statistics.median(faults[name]) if faults[name] else None}
             for name, s in samples.items()}
 
 
@@ -162,6 +179,9 @@ def environment(device: torch.device) -> dict[str, Any]:
     }
     if hasattr(os, 'getloadavg'):
         env['loadavg_1_5_15'] = list(os.getloadavg())
+    # the memory allocator's settings: they decide how often large temporaries are fresh pages
+    env['allocator_env'] = {k: v for k, v in os.environ.items()
+                            if k in ('GLIBC_TUNABLES', 'LD_PRELOAD') or k.startswith('MALLOC_')}
     if device.type == 'cuda':
         env['gpu'] = torch.cuda.get_device_name(device)
     return env

@@ -105,6 +105,10 @@ def test_backbone_step_quick(tmp_path: Path) -> None:
     assert entry['ratio_to_bn']['bn'] == 1.0 and entry['ratio_to_floor']['floor'] == 1.0
     assert entry['cbn_layers'] == 20  # every norm of ResNet-18, the downsampling ones too
     assert entry['compile'] == {}  # nothing compiled without --fused / --compiled
+    if sys.platform != 'win32':  # counted from getrusage: whole pages, per step
+        assert set(entry['page_faults_per_step']) == set(entry['ms'])
+        assert all(f >= 0 and 2 * f == int(2 * f) for f in entry['page_faults_per_step'].values())
+    assert 'allocator_env' in result['environment']
 
 
 def test_detector_step_quick(tmp_path: Path) -> None:
