@@ -159,8 +159,8 @@ def _weigh(valid: Tensor, cursor: Tensor, slot_weight: Tensor, window: Tensor) -
     """``slot_weight = valid`` except the free slot's 0; ``window = 1 + sum(slot_weight)``
     (shape ``(1,)``: dynamo drops an in-place copy into a 0-d input, torch 2.13)."""
     slots = torch.arange(valid.shape[0], device=valid.device)
-    slot_weight.copy_(valid * (slots != cursor[0]))
-    window.copy_(slot_weight.sum(0, keepdim=True) + 1)
+    torch.mul(valid, slots.ne(cursor[0]), out=slot_weight)
+    torch.sum(slot_weight, 0, keepdim=True, out=window).add_(1)
 
 
 def _cursor_moves(physical: int, device: torch.device) -> Tensor:
