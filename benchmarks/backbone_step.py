@@ -43,6 +43,7 @@ from mmdet_cbn import cbn_layers, pair_cbn_layers
 
 WINDOW = 4
 LR = 0.01
+VARIANTS = ('bn', 'floor', 'cbn', 'cbn_fused', 'bn_compiled', 'cbn_compiled')
 
 
 class Classifier(nn.Module):
@@ -168,7 +169,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                         help='also the whole model compiled (inductor), BN and CBN')
     parser.add_argument('--vary-steps', type=int, default=20,
                         help='steps with other sizes after the warm-up, counting recompiles')
-    parser.add_argument('--variants', nargs='+', default=None,
+    parser.add_argument('--variants', nargs='+', default=None, choices=VARIANTS,
                         help='only these variants (e.g. one per process, so that none shares '
                              "the memory allocator's state with another)")
     parser.add_argument('--quick', action='store_true', help='smoke run')
