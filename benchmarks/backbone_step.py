@@ -147,9 +147,7 @@ def run_size(args: argparse.Namespace, device: torch.device, size: int) -> dict[
     result = {'size': size, 'ms': {n: 1e3 * t['median_s'] for n, t in timings.items()},
               'min_ms': {n: 1e3 * t['min_s'] for n, t in timings.items()},
               'page_faults_per_step': {n: t['page_faults'] for n, t in timings.items()},
-              'ratio_to_bn': {n: ratio(timings, n, 'bn') for n in names if 'bn' in names},
-              'ratio_to_floor': {n: ratio(timings, n, 'floor') for n in names
-                                 if 'floor' in names},
+              'ratio_to_bn': _ratios(timings, 'bn'), 'ratio_to_floor': _ratios(timings, 'floor'),
               'compile': compiles, 'cbn_layers': len(cbn_layers(build('cbn', args.depth, 0)))}
     if {'bn_compiled', 'cbn_compiled'} <= set(names):
         result['cbn_compiled_over_bn_compiled'] = ratio(timings, 'cbn_compiled', 'bn_compiled')
@@ -198,6 +196,11 @@ def print_table(results: dict[str, Any]) -> None:
         print(f"{entry['size']} px: {cells}")
         for name, report in entry['compile'].items():
             print(f'  {name}: {report}')
+
+
+def _ratios(timings: dict[str, dict[str, Any]], base: str) -> dict[str, float]:
+    """Each timed variant's ratio to ``base``; none if ``base`` was not run (``--variants``)."""
+    return {n: ratio(timings, n, base) for n in timings} if base in timings else {}
 
 
 def _ratio(entry: dict[str, Any], key: str, name: str) -> str:
