@@ -2,16 +2,19 @@
 
 mmdet's ResNet (``--depth`` 18 or 50, from scratch) with every norm layer BN or CBN (window 4,
 full windows: ``--warmup`` steps first), global average pooling and a linear head over 10
-classes, 2 images per step (``--batch``), SGD; one thread by default. Per input size
-(``--sizes``) the time of a training step (forward, loss, backward, SGD) of:
+classes; or (``--model pspnet``) the digits PSPNet of ``experiments/seg_demo.py``, built from
+its BN and CBN configs (window 8, every norm: backbone, PSP and FCN heads), its two heads'
+logits under one cross-entropy. 2 images per step (``--batch``), SGD; one thread by default.
+Per input size (``--sizes``) the time of a training step (forward, loss, backward, SGD) of:
 
 - ``bn``: BatchNorm2d; ``floor``: BN plus the one weight-gradient convolution per norm layer
   that a windowed CBN step cannot do without (of each conv's output, in its forward);
 - ``cbn``: CBN as a user gets it (exact gradient; the default step: eager on the CPU);
   with ``--fused`` ``cbn_fused``: CBN with ``fused=True`` (each layer's step compiled by
   inductor);
-- with ``--compiled``: ``bn_compiled`` and ``cbn_compiled``, the whole training step's model
-  compiled by ``torch.compile`` (inductor) both ways; their compile counts and times
+- with ``--compiled``: ``bn_compiled``, ``floor_compiled`` and ``cbn_compiled``, the whole
+  training step's model compiled by ``torch.compile`` (inductor) each way (the floor's
+  weight gradients are kept as graph outputs); their compile counts and times
   (``compile``), and, for the CBN model, dynamo's graph breaks (``torch._dynamo.explain``)
   and the recompilations over ``--vary-steps`` steps with other batch and image sizes, after
   the first three of them (the first new sizes make the shapes dynamic: one recompilation).
@@ -23,12 +26,14 @@ in one process share the allocator's state, ``--variants`` runs some of them alo
     python benchmarks/backbone_step.py --depth 18 --sizes 224 64 --fused --compiled \
         --clock cpu --out r18.json
     python benchmarks/backbone_step.py --variants cbn --sizes 64 --clock cpu   # CBN alone
+    python benchmarks/backbone_step.py --model pspnet --fused --compiled --clock cpu
     python benchmarks/backbone_step.py --quick          # smoke run (tiny ResNet-18, 32 px)
 """
 from __future__ import annotations
 
 import argparse
 import time
+from pathlib import Path
 from collections.abc import Callable
 from typing import Any
 
@@ -42,8 +47,11 @@ import mmdet_cbn  # noqa: F401  (registers 'CBN')
 from mmdet_cbn import cbn_layers, pair_cbn_layers
 
 WINDOW = 4
+PSPNET_WINDOW = 8  # its CBN config's
 LR = 0.01
-VARIANTS = ('bn', 'floor', 'cbn', 'cbn_fused', 'bn_compiled', 'cbn_compiled')
+PSPNET_CONFIG = str(Path(__file__).resolve().parents[1]
+                    / 'configs/mmseg/pspnet_r18-d8-{norm}_1xb2-2.5k_digits-64x64.py')
+VARIANTS = ('bn', 'floor', 'cbn', 'cbn_fused', 'bn_compiled', 'floor_compiled', 'cbn_compiled')
 
 
 class Classifier(nn.Module):
@@ -61,41 +69,78 @@ class Classifier(nn.Module):
         return self.head(self.backbone(x)[-1].mean((2, 3)))
 
 
+class Segmenter(nn.Module):
+    """An mmseg encoder-decoder's network without its data preprocessor: the decode head's
+    and the auxiliary head's logits, stacked along the batch (one cross-entropy for both)."""
+
+    def __init__(self, segmentor: nn.Module) -> None:
+        super().__init__()
+        self.segmentor = segmentor
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        features = self.segmentor.extract_feat(x)
+        return torch.cat([self.segmentor.decode_head(features),
+                          self.segmentor.auxiliary_head(features)])
+
+
 def _floor_hook(conv: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
     with torch.no_grad():
-        weight_grad_conv(conv, inputs[0], output)
+        weight_grad = weight_grad_conv(conv, inputs[0], output)
+    if torch.compiler.is_compiling():  # kept as an output of the graph, not eliminated
+        conv.floor_weight_grad = weight_grad
 
 
-def build(variant: str, depth: int, seed: int) -> nn.Module:
-    """The classifier of ``variant``, all variants from the same initial weights."""
-    cbn = variant.startswith('cbn')
-    norm_cfg = dict(type='CBN', window_size=WINDOW, fused=variant == 'cbn_fused') if cbn \
-        else dict(type='BN')
-    torch.manual_seed(seed)
-    model = Classifier(depth, norm_cfg).train()
+def _resnet(depth: int, cbn: bool, fused: bool) -> nn.Module:
+    norm_cfg = dict(type='CBN', window_size=WINDOW, fused=fused) if cbn else dict(type='BN')
+    return Classifier(depth, norm_cfg)
+
+
+def _pspnet(cbn: bool, fused: bool) -> nn.Module:
+    """The digits PSPNet of ``experiments/seg_demo.py`` from its BN or CBN config (CBN:
+    window 8), from scratch."""
+    import mmseg.models  # noqa: F401  (registers mmseg's models)
+    from mmengine.config import Config
+    from mmengine.registry import DefaultScope
+    from mmseg.registry import MODELS
+    cfg = Config.fromfile(PSPNET_CONFIG.format(norm='cbn' if cbn else 'bn'))
+    cfg.model.backbone.init_cfg = None
     if cbn:
-        pair_cbn_layers(model)
-    if variant == 'floor':
-        norms = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
-        convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
-        assert len(norms) == len(convs)
-        for conv in convs:
-            conv.register_forward_hook(_floor_hook)
-    return model
+        for part in ('backbone', 'decode_head', 'auxiliary_head'):
+            cfg.model[part].norm_cfg.fused = fused
+    with DefaultScope.overwrite_default_scope('mmseg'):
+        return Segmenter(MODELS.build(cfg.model))
+
+
+def build(variant: str, model: str, depth: int, seed: int) -> nn.Module:
+    """The network of ``variant``, all variants from the same initial weights."""
+    cbn, fused = variant.startswith('cbn'), variant == 'cbn_fused'
+    torch.manual_seed(seed)
+    net = (_pspnet(cbn, fused) if model == 'pspnet' else _resnet(depth, cbn, fused)).train()
+    if cbn:
+        pair_cbn_layers(net)
+    if variant == 'floor':  # the convs whose output a CBN layer normalizes
+        convs = dict(net.named_modules())
+        for name in pair_cbn_layers(build('cbn', model, depth, seed)).values():
+            convs[name].register_forward_hook(_floor_hook)
+    return net
 
 
 def make_step(model: nn.Module, batch: int, size: int, seed: int,
               run: Callable | None = None) -> Callable[[], None]:
-    """One SGD step on fixed random images and labels (``run``: the compiled model)."""
+    """One SGD step on fixed random images and labels, one label per output position
+    (``run``: the compiled model)."""
     generator = torch.Generator().manual_seed(seed)
     x = torch.randn(batch, 3, size, size, generator=generator)
-    labels = torch.randint(10, (batch,), generator=generator)
+    labels: list[torch.Tensor] = []
     optimizer = torch.optim.SGD(model.parameters(), lr=LR, momentum=0.9)
     forward = model if run is None else run
 
     def step() -> None:
         optimizer.zero_grad(set_to_none=True)
-        nn.functional.cross_entropy(forward(x), labels).backward()
+        out = forward(x)
+        if not labels:
+            labels.append(torch.randint(10, out.shape[:1] + out.shape[2:], generator=generator))
+        nn.functional.cross_entropy(out, labels[0]).backward()
         optimizer.step()
     return step
 
@@ -119,12 +164,14 @@ def compile_report(model: nn.Module, run: Callable, args: argparse.Namespace, si
 def run_size(args: argparse.Namespace, device: torch.device, size: int) -> dict[str, Any]:
     names = ['bn', 'floor', 'cbn'] + (['cbn_fused'] if args.fused else [])
     if args.compiled:
-        names += ['bn_compiled', 'cbn_compiled']
+        names += ['bn_compiled', 'floor_compiled', 'cbn_compiled']
     if args.variants:
         names = [n for n in names if n in args.variants]
-    steps, compiles = {}, {}
+    steps, compiles, floor_convs = {}, {}, None
     for name in names:
-        model = build(name.removesuffix('_compiled'), args.depth, args.seed)
+        model = build(name.removesuffix('_compiled'), args.model, args.depth, args.seed)
+        if name == 'floor':
+            floor_convs = sum(_floor_hook in m._forward_hooks.values() for m in model.modules())
         run = None
         if name.endswith('_compiled'):
             torch._dynamo.reset()
@@ -148,19 +195,30 @@ def run_size(args: argparse.Namespace, device: torch.device, size: int) -> dict[
               'min_ms': {n: 1e3 * t['min_s'] for n, t in timings.items()},
               'page_faults_per_step': {n: t['page_faults'] for n, t in timings.items()},
               'ratio_to_bn': _ratios(timings, 'bn'), 'ratio_to_floor': _ratios(timings, 'floor'),
-              'compile': compiles, 'cbn_layers': len(cbn_layers(build('cbn', args.depth, 0)))}
+              'compile': compiles, 'floor_convs': floor_convs,
+              'cbn_layers': len(cbn_layers(build('cbn', args.model, args.depth, 0)))}
     if {'bn_compiled', 'cbn_compiled'} <= set(names):
         result['cbn_compiled_over_bn_compiled'] = ratio(timings, 'cbn_compiled', 'bn_compiled')
+    if {'floor_compiled', 'cbn_compiled'} <= set(names):
+        result['cbn_compiled_over_floor_compiled'] = ratio(timings, 'cbn_compiled',
+                                                           'floor_compiled')
+        result['floor_compiled_over_bn_compiled'] = ratio(timings, 'floor_compiled',
+                                                          'bn_compiled')
     return result
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     add_common_arguments(parser, repeats=5)
-    parser.add_argument('--depth', type=int, default=18, choices=(18, 34, 50))
-    parser.add_argument('--sizes', type=int, nargs='+', default=[224, 64])
+    parser.add_argument('--model', default='resnet', choices=('resnet', 'pspnet'),
+                        help="mmdet's ResNet classifier, or the digits PSPNet (its configs)")
+    parser.add_argument('--depth', type=int, default=18, choices=(18, 34, 50),
+                        help="the ResNet's")
+    parser.add_argument('--sizes', type=int, nargs='+', default=None,
+                        help='input sizes (default: 224 64; the PSPNet: 64)')
     parser.add_argument('--batch', type=int, default=2)
-    parser.add_argument('--warmup', type=int, default=2 * WINDOW)
+    parser.add_argument('--warmup', type=int, default=None,
+                        help='steps before timing (default: two windows)')
     parser.add_argument('--fused', action='store_true',
                         help="also CBN with the fused step (each layer's step compiled)")
     parser.add_argument('--compiled', action='store_true',
@@ -174,6 +232,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parser.parse_args(argv)
     if args.threads is None:
         args.threads = 1
+    if args.sizes is None:
+        args.sizes = [64] if args.model == 'pspnet' else [224, 64]
+    if args.warmup is None:
+        args.warmup = 2 * (PSPNET_WINDOW if args.model == 'pspnet' else WINDOW)
     if args.quick:
         args.sizes, args.repeats, args.warmup, args.vary_steps = [32], 2, WINDOW, 4
     device = setup_torch(args)
@@ -186,7 +248,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 def print_table(results: dict[str, Any]) -> None:
     env = results['environment']
-    print(f"\nResNet-{results['args']['depth']}, {results['args']['batch']} images, "
+    model = 'digits PSPNet' if results['args']['model'] == 'pspnet' else \
+        f"ResNet-{results['args']['depth']}"
+    print(f"\n{model}, {results['args']['batch']} images, "
           f"{env['torch_threads']} thread(s), clock {results['args']['clock']}; ms per SGD "
           'step (median), ratio to BN / to the floor, minor page faults per step')
     for entry in results['sizes']:

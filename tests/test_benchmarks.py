@@ -103,12 +103,23 @@ def test_backbone_step_quick(tmp_path: Path) -> None:
     (entry,) = result['sizes']
     assert entry['size'] == 32 and set(entry['ms']) == {'bn', 'floor', 'cbn'}
     assert entry['ratio_to_bn']['bn'] == 1.0 and entry['ratio_to_floor']['floor'] == 1.0
-    assert entry['cbn_layers'] == 20  # every norm of ResNet-18, the downsampling ones too
+    assert entry['cbn_layers'] == entry['floor_convs'] == 20  # with the downsampling ones
     assert entry['compile'] == {}  # nothing compiled without --fused / --compiled
     if sys.platform != 'win32':  # counted from getrusage: whole pages, per step
         assert set(entry['page_faults_per_step']) == set(entry['ms'])
         assert all(f >= 0 and 2 * f == int(2 * f) for f in entry['page_faults_per_step'].values())
     assert 'allocator_env' in result['environment']
+
+
+def test_backbone_step_quick_pspnet(tmp_path: Path) -> None:
+    """The digits PSPNet from its configs: the floor's weight-gradient convs are those of
+    the convs a CBN layer follows (not the heads' classifiers)."""
+    pytest.importorskip('mmseg')
+    result = run_script('backbone_step', tmp_path, '--model', 'pspnet')
+    (entry,) = result['sizes']
+    assert entry['size'] == 32 and set(entry['ms']) == {'bn', 'floor', 'cbn'}
+    assert entry['cbn_layers'] == entry['floor_convs'] == 23
+    assert result['args']['model'] == 'pspnet'
 
 
 def test_detector_step_quick(tmp_path: Path) -> None:
