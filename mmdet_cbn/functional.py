@@ -275,6 +275,17 @@ def _constant(shape: tuple[int, ...], value: float, device: torch.device,
         return torch.full(shape, value, device=device, dtype=dtype)
 
 
+def _flat_weight(weight: Tensor, dtype: torch.dtype) -> Tensor:
+    """The conv weight as ``(C, D)`` rows in ``dtype``; compiled, read through an identity
+    ``as_strided``. Inductor's layout optimization gives a tensor that feeds a convolution a
+    channels-last copy for all its readers (the slot dots would then index each row with a
+    division per element), except a tensor that an ``as_strided`` reads. For reads autograd
+    does not track (inside :class:`_WindowNormalize`, without grad): its backward scatters."""
+    if torch.compiler.is_compiling():
+        weight = weight.as_strided(weight.shape, weight.stride())  # its own storage offset
+    return weight.reshape(weight.shape[0], -1).to(dtype)
+
+
 def record_statistics(x: Tensor | None, y: Tensor, mean: Tensor, var: Tensor,
                       weight: Tensor | None, geometry: ConvGeometry | None, *,
                       grad_stride: int = 1, draw: tuple[int, int] = (0, 0),
@@ -315,8 +326,7 @@ def record_statistics(x: Tensor | None, y: Tensor, mean: Tensor, var: Tensor,
         grad_var = grad_var_wrt_weight(x, y, mean, geometry, stride=grad_stride,
                                        offset=(draw[0] % grad_stride, draw[1] % grad_stride),
                                        out=grad_var_out)
-    flat_weight = weight.reshape(weight.shape[0], -1).to(grad_var.dtype)
-    var_intercept = var - _slot_dot(grad_var.unsqueeze(0), flat_weight)[0]
+    var_intercept = var - _slot_dot(grad_var.unsqueeze(0), _flat_weight(weight, grad_var.dtype))[0]
     return SlotRecord(mean, var_intercept, xbar, grad_var)
 
 
@@ -342,7 +352,7 @@ def compensate(weight: Tensor | None, bias: Tensor | None, *, mean: Tensor,
     if xbar is None:
         return mean, var_intercept.clone(), None
     slots, groups, depth = xbar.shape
-    flat = weight.reshape(weight.shape[0], depth).to(xbar.dtype)
+    flat = _flat_weight(weight, xbar.dtype)
     if groups == 1:  # (S, D) @ (D, C), plus the bias, in one product
         mu_hat = (torch.mm(xbar[:, 0], flat.t()) if bias is None
                   else torch.addmm(bias.to(xbar.dtype), xbar[:, 0], flat.t()))
