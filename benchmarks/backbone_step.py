@@ -33,8 +33,8 @@ from __future__ import annotations
 
 import argparse
 import time
-from pathlib import Path
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -170,7 +170,7 @@ def run_size(args: argparse.Namespace, device: torch.device, size: int) -> dict[
     steps, compiles, floor_convs = {}, {}, None
     for name in names:
         model = build(name.removesuffix('_compiled'), args.model, args.depth, args.seed)
-        if name == 'floor':
+        if name.startswith('floor'):
             floor_convs = sum(_floor_hook in m._forward_hooks.values() for m in model.modules())
         run = None
         if name.endswith('_compiled'):
@@ -197,13 +197,10 @@ def run_size(args: argparse.Namespace, device: torch.device, size: int) -> dict[
               'ratio_to_bn': _ratios(timings, 'bn'), 'ratio_to_floor': _ratios(timings, 'floor'),
               'compile': compiles, 'floor_convs': floor_convs,
               'cbn_layers': len(cbn_layers(build('cbn', args.model, args.depth, 0)))}
-    if {'bn_compiled', 'cbn_compiled'} <= set(names):
-        result['cbn_compiled_over_bn_compiled'] = ratio(timings, 'cbn_compiled', 'bn_compiled')
-    if {'floor_compiled', 'cbn_compiled'} <= set(names):
-        result['cbn_compiled_over_floor_compiled'] = ratio(timings, 'cbn_compiled',
-                                                           'floor_compiled')
-        result['floor_compiled_over_bn_compiled'] = ratio(timings, 'floor_compiled',
-                                                          'bn_compiled')
+    for name, base in (('cbn', 'bn'), ('cbn', 'floor'), ('floor', 'bn')):
+        if {f'{name}_compiled', f'{base}_compiled'} <= set(names):
+            result[f'{name}_compiled_over_{base}_compiled'] = ratio(
+                timings, f'{name}_compiled', f'{base}_compiled')
     return result
 
 
