@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import argparse
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -111,16 +111,18 @@ def _pspnet(cbn: bool, fused: bool) -> nn.Module:
         return Segmenter(MODELS.build(cfg.model))
 
 
-def build(variant: str, model: str, depth: int, seed: int) -> nn.Module:
-    """The network of ``variant``, all variants from the same initial weights."""
+def build(variant: str, model: str, depth: int, seed: int,
+          floor_convs: Iterable[str] = ()) -> nn.Module:
+    """The network of ``variant``, all variants from the same initial weights; the floor's
+    weight-gradient convs are those of ``floor_convs`` (the convs a CBN layer follows)."""
     cbn, fused = variant.startswith('cbn'), variant == 'cbn_fused'
     torch.manual_seed(seed)
     net = (_pspnet(cbn, fused) if model == 'pspnet' else _resnet(depth, cbn, fused)).train()
     if cbn:
         pair_cbn_layers(net)
-    if variant == 'floor':  # the convs whose output a CBN layer normalizes
+    if variant == 'floor':
         convs = dict(net.named_modules())
-        for name in pair_cbn_layers(build('cbn', model, depth, seed)).values():
+        for name in floor_convs:
             convs[name].register_forward_hook(_floor_hook)
     return net
 
@@ -167,9 +169,12 @@ def run_size(args: argparse.Namespace, device: torch.device, size: int) -> dict[
         names += ['bn_compiled', 'floor_compiled', 'cbn_compiled']
     if args.variants:
         names = [n for n in names if n in args.variants]
+    reference = build('cbn', args.model, args.depth, args.seed)  # its layers and pairs
+    paired_convs = list(pair_cbn_layers(reference).values())
     steps, compiles, floor_convs = {}, {}, None
     for name in names:
-        model = build(name.removesuffix('_compiled'), args.model, args.depth, args.seed)
+        model = build(name.removesuffix('_compiled'), args.model, args.depth, args.seed,
+                      paired_convs)
         if name.startswith('floor'):
             floor_convs = sum(_floor_hook in m._forward_hooks.values() for m in model.modules())
         run = None
@@ -196,7 +201,7 @@ def run_size(args: argparse.Namespace, device: torch.device, size: int) -> dict[
               'page_faults_per_step': {n: t['page_faults'] for n, t in timings.items()},
               'ratio_to_bn': _ratios(timings, 'bn'), 'ratio_to_floor': _ratios(timings, 'floor'),
               'compile': compiles, 'floor_convs': floor_convs,
-              'cbn_layers': len(cbn_layers(build('cbn', args.model, args.depth, 0)))}
+              'cbn_layers': len(cbn_layers(reference))}
     for name, base in (('cbn', 'bn'), ('cbn', 'floor'), ('floor', 'bn')):
         if {f'{name}_compiled', f'{base}_compiled'} <= set(names):
             result[f'{name}_compiled_over_{base}_compiled'] = ratio(
