@@ -1,5 +1,7 @@
 # Single entry points. `make demo` and `make test` install first (idempotent: seconds when done).
 PYTHON ?= python3
+# pytest-xdist workers for `make test` (CI has 2 cores; files stay whole, their fixtures shared)
+TEST_WORKERS ?= 2
 
 .PHONY: install demo test lint bench
 
@@ -10,7 +12,7 @@ demo: install
 	$(PYTHON) experiments/demo.py
 
 test: install
-	$(PYTHON) -m pytest -q
+	$(PYTHON) -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 lint:
 	$(PYTHON) -m ruff check .

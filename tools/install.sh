@@ -20,7 +20,7 @@ link_checkout() {  # (re)point the editable install at this checkout: a few seco
 }
 
 if mmcv_ready && "$PY" -c \
-    "import mmdet, mmseg, ftfy, regex, pycocotools, sklearn, matplotlib, tqdm, pytest" 2>/dev/null
+    "import mmdet, mmseg, ftfy, regex, pycocotools, sklearn, matplotlib, tqdm, pytest, xdist" 2>/dev/null
 then
     echo "[install] the pinned stack is already installed; linking mmdet-cbn from $(pwd)."
     link_checkout
